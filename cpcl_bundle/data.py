@@ -1,0 +1,165 @@
+# Copyright (c) MONAI Consortium
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Datalists, the labeled / unlabeled split, and the independently cycling unlabeled stream.
+
+Data contract (architecture.md): a Decathlon-style JSON with ``training`` (image + label), optional
+``unlabeled`` (image only), ``validation`` and ``test``. Without an ``unlabeled`` list, ``labeled_ratio`` or
+``num_labeled`` takes the first n of a seeded permutation of ``training`` as labeled and the rest, without
+their labels, as unlabeled. The split is written next to the run's outputs (``split.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DATALIST_KEYS", "load_datalist", "semi_supervised_split", "CyclingLoader"]
+
+DATALIST_KEYS = ("training", "validation", "test", "unlabeled")
+
+
+def _resolve(item: Any, base_dir: Path, key: str, index: int, source: str) -> dict:
+    if isinstance(item, str):
+        item = {"image": item}
+    if not isinstance(item, dict) or "image" not in item:
+        raise ValueError(f"{source}: entry {index} of '{key}' has no 'image': {item!r}")
+    out = dict(item)
+    for field in ("image", "label"):
+        value = out.get(field)
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            out[field] = str(base_dir / value)
+        elif isinstance(value, list):
+            out[field] = [str(base_dir / v) if isinstance(v, str) and not os.path.isabs(v) else v for v in value]
+    if key == "training" and "label" not in out:
+        raise ValueError(f"{source}: entry {index} of 'training' has no 'label' (unlabeled images go in 'unlabeled')")
+    return out
+
+
+def load_datalist(path: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> dict[str, list[dict]]:
+    """Read a Decathlon-style datalist; relative paths are resolved against ``base_dir`` (default: its folder).
+
+    Returns a dict with every key of :data:`DATALIST_KEYS` (missing ones as empty lists). Errors name the
+    file and the cause: missing file, invalid JSON, no ``training`` list, entries without ``image``/``label``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist {path} does not exist")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"datalist {path} is not valid JSON: {e}") from e
+    if not isinstance(content, dict):
+        raise ValueError(f"datalist {path} must be a JSON object with the keys {list(DATALIST_KEYS)}")
+    if not isinstance(content.get("training"), list):
+        raise ValueError(f"datalist {path} has no 'training' list (keys found: {sorted(content)})")
+    base = Path(base_dir) if base_dir is not None else path.parent
+    out = {}
+    for key in DATALIST_KEYS:
+        items = content.get(key, [])
+        if not isinstance(items, list):
+            raise ValueError(f"datalist {path}: '{key}' must be a list, got {type(items).__name__}")
+        out[key] = [_resolve(item, base, key, i, str(path)) for i, item in enumerate(items)]
+    return out
+
+
+def semi_supervised_split(
+    datalist: dict[str, list[dict]],
+    labeled_ratio: float | None = None,
+    num_labeled: int | None = None,
+    seed: int = 0,
+    output_dir: str | os.PathLike | None = None,
+) -> dict[str, list[dict]]:
+    """Split ``training`` into a labeled and an unlabeled stream (architecture.md, data contract).
+
+    * ``num_labeled`` (or ``round(labeled_ratio * N)``, at least 1) cases of a permutation seeded by ``seed``
+      keep their labels; the others lose them and join the unlabeled stream.
+    * Neither given (or ratio 1): every training case is labeled.
+    * A datalist ``unlabeled`` list is always added to the unlabeled stream.
+
+    With ``output_dir``, the split is written to ``<output_dir>/split.json`` (seed, counts, both lists).
+
+    Returns:
+        ``{"labeled": [...], "unlabeled": [...]}`` (unlabeled entries carry no ``label``).
+    """
+    training = list(datalist.get("training", []))
+    if not training:
+        raise ValueError("the datalist has no labeled training cases ('training' is empty)")
+    n = len(training)
+    if num_labeled is None:
+        ratio = 1.0 if labeled_ratio is None else float(labeled_ratio)
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"labeled_ratio must be in (0, 1], got {labeled_ratio}")
+        num_labeled = max(1, int(math.floor(ratio * n + 0.5)))
+    num_labeled = int(num_labeled)
+    if not 1 <= num_labeled <= n:
+        raise ValueError(f"num_labeled must be between 1 and the {n} training cases, got {num_labeled}")
+    order = np.random.default_rng(seed).permutation(n)
+    labeled = [training[i] for i in sorted(order[:num_labeled])]
+    unlabeled = [{k: v for k, v in training[i].items() if k != "label"} for i in sorted(order[num_labeled:])]
+    unlabeled += [dict(item) for item in datalist.get("unlabeled", [])]
+    split = {"labeled": labeled, "unlabeled": unlabeled}
+    if output_dir is not None:
+        os.makedirs(output_dir, exist_ok=True)
+        record = {
+            "seed": seed,
+            "labeled_ratio": labeled_ratio,
+            "num_labeled": num_labeled,
+            "num_training": n,
+            "num_unlabeled": len(unlabeled),
+            **split,
+        }
+        target = Path(output_dir) / "split.json"
+        tmp = target.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, target)
+    return split
+
+
+class CyclingLoader:
+    """An endless iterator over a data loader, restarted whenever it is exhausted.
+
+    The unlabeled stream cycles independently of the labeled one (which defines the epochs). On each restart
+    the sampler's ``set_epoch`` is called when it has one (``DistributedSampler``), so shuffling differs per
+    pass and agrees across ranks.
+    """
+
+    def __init__(self, loader: Iterable) -> None:
+        self.loader = loader
+        self.epoch = 0
+        self._iterator: Iterator | None = None
+
+    def _restart(self) -> None:
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        self._iterator = iter(self.loader)
+
+    def __iter__(self) -> CyclingLoader:
+        return self
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            self._restart()
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            self.epoch += 1
+            self._restart()
+            try:
+                return next(self._iterator)
+            except StopIteration:
+                raise RuntimeError("the unlabeled data loader yields no batch: is the unlabeled set empty?") from None

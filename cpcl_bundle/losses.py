@@ -1,0 +1,202 @@
+# Copyright (c) MONAI Consortium
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Loss terms and schedules of CPCL (Eq. 1, 6, 10, 11, 12) and of the mean-teacher baseline.
+
+Every function here is pure: tensors in, tensors out. The prototype losses return ``(loss, defined)``;
+``defined`` is False when a prototype the term needs is undefined for this batch (a class absent from
+every image, cpcl-method.md "Decision"), and the loss is then a zero that keeps the graph connected, so the
+caller can skip the term for the step and count it, and never sees NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+
+from cpcl_bundle.prototypes import masked_average_prototypes, masked_average_prototypes_per_image, prototype_logits
+
+__all__ = [
+    "PAPER_BETA",
+    "PAPER_W_MAX",
+    "PAPER_PROTOTYPE_SCALE",
+    "supervised_loss",
+    "forward_prototype_loss",
+    "backward_prototype_loss",
+    "softmax_mse_consistency",
+    "gaussian_rampup",
+    "sigmoid_rampup",
+    "consistency_weight",
+]
+
+PAPER_BETA = 10.0
+"""beta of Eq. 11: the weight of L_bpc relative to L_fpc."""
+PAPER_W_MAX = 0.1
+"""w_max of Eq. 11's lambda(t)."""
+PAPER_PROTOTYPE_SCALE = 20.0
+"""alpha of Eq. 5 and 9."""
+
+
+def supervised_loss(**kwargs) -> DiceCELoss:
+    """``L_s = 0.5 CE(Y_l, P_l) + 0.5 Dice(Y_l, P_l)`` (Eq. 12) as MONAI's :class:`~monai.losses.DiceCELoss`.
+
+    Defaults: one-hot targets from class indices, softmax on the logits, equal weights 0.5 / 0.5. Keyword
+    arguments override them (e.g. ``include_background=False`` for a foreground-only Dice).
+    """
+    options = {"to_onehot_y": True, "softmax": True, "lambda_dice": 0.5, "lambda_ce": 0.5}
+    options.update(kwargs)
+    return DiceCELoss(**options)
+
+
+def _zero(ref: torch.Tensor) -> torch.Tensor:
+    """A zero loss attached to ``ref``'s graph (gradient 0), so DDP and autograd see every parameter used."""
+    return ref.sum() * 0.0
+
+
+def _pair_per_image(present_l: torch.Tensor, batch_u: int) -> torch.Tensor:
+    if present_l.shape[0] != batch_u:
+        raise ValueError(
+            f"per-image pairing needs as many labeled as unlabeled images, got {present_l.shape[0]} and {batch_u}"
+        )
+    return present_l.all(1)  # [B]: every class has a prototype in that image
+
+
+def forward_prototype_loss(
+    features_l: torch.Tensor,
+    labels_l: torch.Tensor,
+    features_u: torch.Tensor,
+    probs_u: torch.Tensor,
+    scale: float = PAPER_PROTOTYPE_SCALE,
+    weights_l: torch.Tensor | None = None,
+    per_image: bool = False,
+) -> tuple[torch.Tensor, bool]:
+    """L2U forward process: ``L_fpc = MSE(P_l2u, P_u)`` (Eq. 3-6).
+
+    Labeled prototypes from the student's labeled features and the real labels (Eq. 3-4) segment the
+    teacher's unlabeled features (Eq. 5); the result is compared with the teacher's own prediction.
+
+    Args:
+        features_l: student features of the labeled images ``[B_l, C, *s]`` (carry gradient).
+        labels_l: ``[B_l, 1, *S]`` class indices.
+        features_u: teacher features of the unlabeled images ``[B_u, C, *s]`` (constant).
+        probs_u: teacher softmax ``P_u`` on the unlabeled images ``[B_u, K, *S]`` (constant).
+        scale: alpha of Eq. 5.
+        weights_l: optional pooling weights (released code: confidence weighting).
+        per_image: pair labeled image b with unlabeled image b instead of batch prototypes (released code).
+
+    Returns:
+        ``(loss, defined)``; ``defined`` is False when a class has no labeled prototype.
+    """
+    num_classes = probs_u.shape[1]
+    size = probs_u.shape[2:]
+    if per_image:
+        protos, present = masked_average_prototypes_per_image(features_l, labels_l, num_classes, weights_l)
+        valid = _pair_per_image(present, features_u.shape[0])
+        if not bool(valid.any()):
+            return _zero(features_l), False
+        logits = prototype_logits(features_u[valid], protos[valid], size, scale)
+        return F.mse_loss(torch.softmax(logits, 1), probs_u[valid].to(logits.dtype)), True
+    protos, present = masked_average_prototypes(features_l, labels_l, num_classes, weights_l)
+    if not bool(present.all()):
+        return _zero(features_l), False
+    p_l2u = torch.softmax(prototype_logits(features_u, protos, size, scale), 1)
+    return F.mse_loss(p_l2u, probs_u.to(p_l2u.dtype)), True
+
+
+def backward_prototype_loss(
+    features_l: torch.Tensor,
+    labels_l: torch.Tensor,
+    features_u: torch.Tensor,
+    probs_u: torch.Tensor,
+    scale: float = PAPER_PROTOTYPE_SCALE,
+    weights_u: torch.Tensor | None = None,
+    per_image: bool = False,
+) -> tuple[torch.Tensor, bool]:
+    """U2L backward process: ``L_bpc = CE(Y_l, P_u2l)`` (Eq. 7-10).
+
+    The teacher's pseudo label ``Y_u = argmax P_u`` (Eq. 7) gives unlabeled prototypes (Eq. 8) that segment
+    the student's labeled features (Eq. 9); the real labels supervise that prediction (Eq. 10). The cross
+    entropy is taken from the logits ``alpha cos`` (log-softmax), the numerically stable form of
+    ``-log P_u2l``.
+
+    Args:
+        features_l: student features of the labeled images ``[B_l, C, *s]`` (carry gradient).
+        labels_l: ``[B_l, 1, *S]`` class indices.
+        features_u: teacher features of the unlabeled images (constant).
+        probs_u: teacher softmax on the unlabeled images ``[B_u, K, *S]`` (constant).
+        scale: alpha of Eq. 9.
+        weights_u: optional pooling weights (released code: ``P_u`` as confidence).
+        per_image: pair unlabeled image b with labeled image b (released code).
+
+    Returns:
+        ``(loss, defined)``; ``defined`` is False when the teacher predicts a class nowhere in the batch.
+    """
+    num_classes = probs_u.shape[1]
+    size = labels_l.shape[2:]
+    pseudo = probs_u.argmax(1, keepdim=True)
+    target = labels_l[:, 0].round().long() if labels_l.is_floating_point() else labels_l[:, 0].long()
+    if per_image:
+        protos, present = masked_average_prototypes_per_image(features_u, pseudo, num_classes, weights_u)
+        valid = _pair_per_image(present, features_l.shape[0])
+        if not bool(valid.any()):
+            return _zero(features_l), False
+        logits = prototype_logits(features_l[valid], protos[valid], size, scale)
+        return F.cross_entropy(logits, target[valid]), True
+    protos, present = masked_average_prototypes(features_u, pseudo, num_classes, weights_u)
+    if not bool(present.all()):
+        return _zero(features_l), False
+    return F.cross_entropy(prototype_logits(features_l, protos, size, scale), target), True
+
+
+def softmax_mse_consistency(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    """Mean-teacher consistency: MSE between the student's and the teacher's softmax outputs.
+
+    The MT baseline (and the released code's "stability" term, and MT-*-PCL in Table II) as set up on this
+    benchmark: the teacher sees the unlabeled input plus clipped Gaussian noise.
+    """
+    return F.mse_loss(torch.softmax(student_logits, 1), teacher_probs.to(student_logits.dtype))
+
+
+def gaussian_rampup(step: float, rampup_length: float, w_max: float = PAPER_W_MAX) -> float:
+    """``lambda(t) = w_max exp(-5 (1 - t / t_max)^2)``, ``t`` clipped to ``[0, t_max]`` (Eq. 11).
+
+    ``rampup_length <= 0`` means no ramp-up (``w_max`` from the first step).
+    """
+    if rampup_length <= 0:
+        return float(w_max)
+    phase = 1.0 - min(max(float(step), 0.0), float(rampup_length)) / float(rampup_length)
+    return float(w_max * math.exp(-5.0 * phase * phase))
+
+
+def sigmoid_rampup(step: float, rampup_length: float, w_max: float = PAPER_W_MAX, step_size: int = 1) -> float:
+    """The "sigmoid" ramp-up of the mean-teacher code bases (Laine & Aila 2017; UA-MT, SASSNet, DTML).
+
+    It is the same curve as :func:`gaussian_rampup`, ``exp(-5 (1 - x)^2)``; what those code bases do
+    differently is *when* it is evaluated: on ``step // step_size`` (UA-MT: ``iteration // 150``) against a
+    length in those units (UA-MT: 40, i.e. 6,000 iterations), so it is a staircase that reaches ``w_max``
+    early in the run. ``rampup_length`` is in units of ``step_size`` steps.
+    """
+    return gaussian_rampup(float(int(step) // int(step_size)), rampup_length, w_max)
+
+
+def consistency_weight(
+    step: float, rampup_length: float, w_max: float = PAPER_W_MAX, kind: str = "gaussian", step_size: int = 1
+) -> float:
+    """``lambda(t)`` by name: ``"gaussian"`` (the paper, Eq. 11), ``"sigmoid"`` (MT code bases) or ``"constant"``."""
+    if kind == "gaussian":
+        return gaussian_rampup(step, rampup_length, w_max)
+    if kind == "sigmoid":
+        return sigmoid_rampup(step, rampup_length, w_max, step_size)
+    if kind == "constant":
+        return float(w_max)
+    raise ValueError(f"unknown ramp-up {kind!r}: expected 'gaussian', 'sigmoid' or 'constant'")

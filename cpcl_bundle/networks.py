@@ -1,0 +1,125 @@
+# Copyright (c) MONAI Consortium
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The backbone (a 3D U-Net as a MONAI network) and the feature tap that gives CPCL its ``F``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.nets import BasicUNet
+
+__all__ = ["PAPER_FEATURES", "FEATURE_LAYERS", "unet3d", "FeatureTap", "unwrap", "forward_with_features"]
+
+PAPER_FEATURES = (16, 32, 64, 128, 256, 16)
+"""Channels of BasicUNet's five encoder levels and of the last decoder level."""
+
+FEATURE_LAYERS = {"encoder": "down_4", "bottleneck": "down_4", "decoder_half": "upcat_2", "decoder_full": "upcat_1"}
+"""Aliases for the layers whose output can serve as ``F``. ``encoder`` is the paper's choice (the last
+convolution of the encoder: 256 channels at 1/16 of the crop); ``decoder_half`` is the released code's
+kind of layer (a decoder stage at half resolution, 32 channels)."""
+
+
+def unet3d(
+    spatial_dims: int = 3,
+    in_channels: int = 1,
+    out_channels: int = 2,
+    features: Sequence[int] = PAPER_FEATURES,
+    act: str | tuple = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
+    norm: str | tuple = ("instance", {"affine": True}),
+    dropout: float = 0.0,
+    upsample: str = "deconv",
+) -> BasicUNet:
+    """The segmentation backbone of every method: MONAI's :class:`~monai.networks.nets.BasicUNet`.
+
+    Why this network: the paper uses the 3D U-Net of Cicek et al. (2016) for all methods. BasicUNet is
+    MONAI's network of that design: per level two 3x3x3 convolutions with normalisation and activation,
+    2x2x2 max-pooling down, transposed convolution up, skip connections by concatenation, and every
+    convolution at full resolution on the first and last level (unlike MONAI's ``UNet``, whose first layer
+    is a strided residual unit). Channels 16-32-64-128-256 double per level as in Cicek et al. (who start at
+    32 with three poolings); the fourth pooling gives a 6^3 bottleneck for the paper's 96^3 crops, so a
+    patch side must be a multiple of 16. Instance normalisation replaces batch normalisation because each
+    forward sees two images per stream. The state dict is BasicUNet's own, so ``network_def`` in the
+    bundle configs is plain MONAI and a checkpoint loads into it unchanged (TorchScript, MONAI Label).
+    """
+    return BasicUNet(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        features=tuple(features),
+        act=act,
+        norm=norm,
+        dropout=dropout,
+        upsample=upsample,
+    )
+
+
+def unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(network, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            network = network.module
+        elif hasattr(network, "_orig_mod"):
+            network = network._orig_mod
+        else:
+            return network
+
+
+class FeatureTap:
+    """Captures the output of one named layer during a forward pass, with a forward hook.
+
+    A hook adds nothing to the network: ``state_dict()`` keys and values are unchanged, so a checkpoint of a
+    tapped network loads into the plain network that inference and MONAI Label build. Use as a context
+    manager (the hook is removed on exit)::
+
+        with FeatureTap(net, "encoder") as tap:
+            logits = net(x)
+        features = tap.features
+
+    Args:
+        network: the network (wrappers such as DDP are looked through).
+        layer: a name of ``network.named_modules()`` or an alias of :data:`FEATURE_LAYERS`.
+    """
+
+    def __init__(self, network: torch.nn.Module, layer: str = "encoder") -> None:
+        name = FEATURE_LAYERS.get(layer, layer)
+        modules = dict(unwrap(network).named_modules())
+        if name not in modules or name == "":
+            choices = sorted(set(FEATURE_LAYERS) | {k for k in modules if k and "." not in k})
+            raise ValueError(f"feature layer {layer!r} is not in {type(unwrap(network)).__name__}; choose from {choices}")
+        self.layer = name
+        self.module = modules[name]
+        self.features: torch.Tensor | None = None
+        self._handle = None
+
+    def _hook(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.features = output
+
+    def __enter__(self) -> FeatureTap:
+        self.features = None
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def forward_with_features(
+    network: torch.nn.Module, inputs: torch.Tensor, layer: str = "encoder", inferer=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(network(inputs), features of `layer`)`` in one forward pass; ``inferer(inputs, network)`` if given."""
+    with FeatureTap(network, layer) as tap:
+        logits = network(inputs) if inferer is None else inferer(inputs, network)
+    if tap.features is None:
+        raise RuntimeError(f"layer {tap.layer!r} did not run in the forward pass")
+    return logits, tap.features

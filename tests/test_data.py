@@ -1,0 +1,88 @@
+# Copyright (c) MONAI Consortium
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Datalists, the seeded labeled/unlabeled split, and the cycling unlabeled stream."""
+
+import json
+
+import pytest
+from torch.utils.data import DataLoader, DistributedSampler
+
+from cpcl_bundle.data import CyclingLoader, load_datalist, semi_supervised_split
+
+
+def _write(tmp_path, content):
+    path = tmp_path / "dataset.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+def test_load_datalist_resolves_paths_and_fills_keys(tmp_path):
+    path = _write(tmp_path, {"training": [{"image": "img/a.nii.gz", "label": "lab/a.nii.gz"}], "test": ["img/t.nii.gz"]})
+    dl = load_datalist(path)
+    assert dl["training"][0]["image"] == str(tmp_path / "img/a.nii.gz")
+    assert dl["test"] == [{"image": str(tmp_path / "img/t.nii.gz")}]
+    assert dl["validation"] == [] and dl["unlabeled"] == []
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("{not json", "not valid JSON"),
+        ({"validation": []}, "no 'training' list"),
+        ({"training": [{"image": "a"}]}, "has no 'label'"),
+        ({"training": [], "test": [{"label": "x"}]}, "has no 'image'"),
+    ],
+)
+def test_bad_datalists_name_file_and_cause(tmp_path, content, match):
+    path = _write(tmp_path, content)
+    with pytest.raises(ValueError, match=match) as e:
+        load_datalist(path)
+    assert str(path) in str(e.value)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_datalist(tmp_path / "missing.json")
+
+
+def _datalist(n=20):
+    return {"training": [{"image": f"i{k}", "label": f"l{k}"} for k in range(n)], "unlabeled": [{"image": "extra"}]}
+
+
+def test_split_is_seeded_disjoint_and_written(tmp_path):
+    a = semi_supervised_split(_datalist(), labeled_ratio=0.1, seed=3, output_dir=tmp_path)
+    b = semi_supervised_split(_datalist(), labeled_ratio=0.1, seed=3)
+    c = semi_supervised_split(_datalist(), labeled_ratio=0.1, seed=4)
+    assert a == b and a != c
+    assert len(a["labeled"]) == 2 and len(a["unlabeled"]) == 19  # 18 without labels + the extra one
+    labeled = {d["image"] for d in a["labeled"]}
+    assert labeled.isdisjoint(d["image"] for d in a["unlabeled"])
+    assert all("label" not in d for d in a["unlabeled"])
+    written = json.loads((tmp_path / "split.json").read_text())
+    assert written["labeled"] == a["labeled"] and written["seed"] == 3
+
+
+def test_num_labeled_and_full_supervision():
+    assert len(semi_supervised_split(_datalist(), num_labeled=5)["labeled"]) == 5
+    full = semi_supervised_split(_datalist())
+    assert len(full["labeled"]) == 20 and full["unlabeled"] == [{"image": "extra"}]
+    with pytest.raises(ValueError, match="labeled_ratio"):
+        semi_supervised_split(_datalist(), labeled_ratio=0)
+    with pytest.raises(ValueError, match="num_labeled"):
+        semi_supervised_split(_datalist(), num_labeled=21)
+
+
+def test_cycling_loader_restarts_and_sets_epoch():
+    sampler = DistributedSampler(list(range(4)), num_replicas=1, rank=0, shuffle=True, seed=0)
+    stream = CyclingLoader(DataLoader(list(range(4)), batch_size=2, sampler=sampler))
+    seen = [next(stream).tolist() for _ in range(6)]
+    assert stream.epoch == 2
+    assert sorted(sum(seen[:2], [])) == sorted(sum(seen[2:4], [])) == [0, 1, 2, 3]
+    assert seen[:2] != seen[2:4]  # reshuffled per pass through set_epoch
+    with pytest.raises(RuntimeError, match="unlabeled set empty"):
+        next(CyclingLoader(DataLoader([], batch_size=2)))

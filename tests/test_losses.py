@@ -1,0 +1,137 @@
+# Copyright (c) MONAI Consortium
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Loss terms (Eq. 6, 10, 12), ramp-ups (Eq. 11) and the gradient flow the method page specifies."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cpcl_bundle.losses import (
+    backward_prototype_loss,
+    consistency_weight,
+    forward_prototype_loss,
+    gaussian_rampup,
+    sigmoid_rampup,
+    softmax_mse_consistency,
+    supervised_loss,
+)
+from cpcl_bundle.networks import forward_with_features
+from tests.test_prototypes import brute_probabilities, brute_prototypes
+
+
+def test_gaussian_rampup_values():
+    assert gaussian_rampup(0, 1000, 0.1) == pytest.approx(0.1 * math.exp(-5))
+    assert gaussian_rampup(500, 1000, 0.1) == pytest.approx(0.1 * math.exp(-5 * 0.25))
+    assert gaussian_rampup(1000, 1000, 0.1) == pytest.approx(0.1)
+    assert gaussian_rampup(5000, 1000, 0.1) == pytest.approx(0.1)  # t clipped at t_max
+    assert gaussian_rampup(10, 0, 0.1) == 0.1
+
+
+def test_sigmoid_rampup_is_the_mt_staircase():
+    # UA-MT: weight(iteration // 150) with a length of 40 such units
+    assert sigmoid_rampup(149, 40, 0.1, step_size=150) == pytest.approx(0.1 * math.exp(-5))
+    assert sigmoid_rampup(150 * 20, 40, 0.1, step_size=150) == pytest.approx(0.1 * math.exp(-5 * 0.25))
+    assert sigmoid_rampup(150 * 40 + 7, 40, 0.1, step_size=150) == pytest.approx(0.1)
+    assert consistency_weight(3, 10, 0.1, "constant") == 0.1
+    with pytest.raises(ValueError, match="unknown ramp-up"):
+        consistency_weight(0, 10, 0.1, "cosine")
+
+
+def test_supervised_loss_is_half_ce_half_dice():
+    logits = torch.randn(2, 2, 8, 8, 8)
+    labels = torch.randint(0, 2, (2, 1, 8, 8, 8))
+    from monai.losses import DiceLoss
+
+    dice = DiceLoss(to_onehot_y=True, softmax=True)(logits, labels)
+    ce = F.cross_entropy(logits, labels[:, 0])
+    assert supervised_loss()(logits, labels).item() == pytest.approx((0.5 * dice + 0.5 * ce).item(), rel=1e-5)
+
+
+def _inputs(k=2, b=2):
+    f_l = torch.randn(b, 6, 3, 3, 3)
+    y_l = torch.randint(0, k, (b, 1, 12, 12, 12))
+    f_u = torch.randn(b, 6, 3, 3, 3)
+    p_u = torch.softmax(torch.randn(b, k, 12, 12, 12), 1)
+    return f_l, y_l, f_u, p_u
+
+
+def test_forward_loss_is_mse_of_l2u_against_teacher():
+    f_l, y_l, f_u, p_u = _inputs()
+    loss, ok = forward_prototype_loss(f_l, y_l, f_u, p_u)
+    protos, _ = brute_prototypes(f_l, y_l, 2)
+    ref = F.mse_loss(brute_probabilities(f_u, protos, (12, 12, 12)), p_u)
+    assert ok and loss.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_backward_loss_is_ce_of_u2l_against_real_labels():
+    f_l, y_l, f_u, p_u = _inputs(k=3)
+    loss, ok = backward_prototype_loss(f_l, y_l, f_u, p_u)
+    protos, _ = brute_prototypes(f_u, p_u.argmax(1, keepdim=True), 3)
+    ref = F.nll_loss(torch.log(brute_probabilities(f_l, protos, (12, 12, 12))), y_l[:, 0])
+    assert ok and loss.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_undefined_prototypes_skip_the_term_without_nan():
+    f_l, y_l, f_u, p_u = _inputs()
+    f_l.requires_grad_(True)
+    no_fg = torch.zeros_like(y_l)
+    loss, ok = forward_prototype_loss(f_l, no_fg, f_u, p_u)
+    assert not ok and loss.item() == 0.0
+    all_bg = torch.stack([torch.ones_like(p_u[:, 0]), torch.zeros_like(p_u[:, 1])], 1)  # teacher: no foreground
+    loss_b, ok_b = backward_prototype_loss(f_l, y_l, f_u, all_bg)
+    assert not ok_b and loss_b.item() == 0.0
+    (loss + loss_b).backward()
+    assert torch.equal(f_l.grad, torch.zeros_like(f_l))
+
+
+def test_per_image_pairing_skips_only_images_without_a_class():
+    f_l, y_l, f_u, p_u = _inputs()
+    y_l[1] = 0  # image 1 has no foreground: its pair is dropped, image 0's pair stays
+    loss, ok = forward_prototype_loss(f_l, y_l, f_u, p_u, per_image=True)
+    protos, _ = brute_prototypes(f_l[:1], y_l[:1], 2)
+    ref = F.mse_loss(brute_probabilities(f_u[:1], protos, (12, 12, 12)), p_u[:1])
+    assert ok and loss.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_softmax_mse_consistency():
+    s, t = torch.randn(2, 2, 4, 4, 4), torch.softmax(torch.randn(2, 2, 4, 4, 4), 1)
+    assert softmax_mse_consistency(s, t).item() == pytest.approx(((torch.softmax(s, 1) - t) ** 2).mean().item())
+
+
+@pytest.mark.parametrize("term", ["fpc", "bpc"])
+@pytest.mark.parametrize("prototype_grad", [True, False])
+def test_gradient_flow(tiny_net, term, prototype_grad):
+    """Default: each prototype loss trains the student's encoder; the teacher is never differentiated.
+    prototype_grad=False (released code, detached features): neither loss gives any gradient."""
+    student, teacher = tiny_net, copy.deepcopy(tiny_net)
+    x_l, x_u = torch.randn(2, 1, 32, 32, 32), torch.randn(2, 1, 32, 32, 32)
+    y_l = torch.zeros(2, 1, 32, 32, 32, dtype=torch.long)
+    y_l[:, :, 8:20, 8:20, 8:20] = 1
+    with torch.no_grad():
+        logits_u, f_u = forward_with_features(teacher, x_u)
+    p_u = torch.softmax(logits_u, 1)
+    p_u[:, :, :16] = torch.tensor([0.1, 0.9]).view(1, 2, 1, 1, 1)  # make sure the teacher "sees" both classes
+    _, f_l = forward_with_features(student, x_l)
+    if not prototype_grad:
+        f_l = f_l.detach()
+    fn = forward_prototype_loss if term == "fpc" else backward_prototype_loss
+    loss, ok = fn(f_l, y_l, f_u, p_u)
+    assert ok
+    if prototype_grad:
+        loss.backward()
+        encoder_grad = sum(p.grad.abs().sum() for n, p in student.named_parameters() if n.startswith("down_"))
+        assert encoder_grad > 0
+        assert all(p.grad is None for p in teacher.parameters())
+    else:
+        assert not loss.requires_grad  # nothing to differentiate: the released code's inert loss

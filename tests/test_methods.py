@@ -1,0 +1,42 @@
+# Copyright (c) MONAI Consortium
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Methods say which terms they use and derive what a step must compute."""
+
+import pytest
+
+from cpcl_bundle.methods import METHODS, Method, get_method
+
+
+def test_registry_has_the_papers_methods():
+    assert set(METHODS) == {"supervised", "mt", "fpcl", "bpcl", "cpcl", "mt_fpcl", "mt_bpcl", "mt_cpcl"}
+    assert METHODS["cpcl"].terms == {"fpc", "bpc"}
+    assert METHODS["mt_cpcl"].terms == {"fpc", "bpc", "mt"}
+
+
+def test_what_each_method_needs():
+    sup, mt, cpcl, bpcl = (get_method(n) for n in ("supervised", "mt", "cpcl", "bpcl"))
+    assert not sup.needs_teacher and not sup.needs_unlabeled and not sup.needs_prototypes
+    assert mt.needs_teacher and mt.student_sees_unlabeled and not mt.needs_prototypes and mt.teacher_noise
+    assert cpcl.needs_teacher and cpcl.needs_prototypes and not cpcl.student_sees_unlabeled
+    assert not cpcl.teacher_noise and bpcl.needs_prototypes
+
+
+def test_stability_option_adds_the_mt_term():
+    m = get_method("cpcl", stability=True)
+    assert m.terms == {"fpc", "bpc", "mt"} and m.student_sees_unlabeled
+    assert get_method("MT-CPCL").name == "mt_cpcl"
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="unknown method"):
+        get_method("cpcll")
+    with pytest.raises(ValueError, match="unknown terms"):
+        Method("x", frozenset({"entropy"}))

@@ -1,0 +1,161 @@
+# Copyright (c) MONAI Consortium
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""CPCLTrainer on tiny tensors: the step of every method, Eq. 2 for the teacher, Eq. 11 for the objective."""
+
+import math
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.engines import IterationEvents
+from torch.utils.data import DataLoader
+
+from cpcl_bundle.losses import supervised_loss
+from cpcl_bundle.trainer import TERM_KEYS, CPCLTrainer, loss_terms, paper_optimizer, poly_lr_handler
+from tests.helpers import blob_batch
+
+
+def make_trainer(net, method, max_epochs=1, n_labeled=2, lr=0.01, loss_function=None, handlers=None, **kwargs):
+    labeled = DataLoader(blob_batch(n_labeled, seed=1), batch_size=2)
+    unlabeled = DataLoader(blob_batch(4, seed=2, with_label=False), batch_size=2, shuffle=False)
+    optimizer = paper_optimizer(net.parameters(), lr=lr)
+    handlers = handlers or []
+    return CPCLTrainer(
+        device="cpu",  # a plain string, as MONAI Label passes it
+        max_epochs=max_epochs,
+        train_data_loader=labeled,
+        network=net,
+        optimizer=optimizer,
+        loss_function=loss_function or supervised_loss(),
+        train_handlers=handlers,
+        unlabeled_data_loader=unlabeled,
+        method=method,
+        **kwargs,
+    )
+
+
+def record_terms(trainer):
+    history = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: history.append(loss_terms(e.state.output)))
+    return history
+
+
+@pytest.mark.parametrize("method", ["cpcl", "mt", "supervised", "mt_cpcl"])
+def test_training_decreases_the_loss_without_nan(tiny_net, method):
+    trainer = make_trainer(tiny_net, method, max_epochs=12, lr=0.05, rampup="constant")
+    history = record_terms(trainer)
+    trainer.run()
+    assert len(history) == 12
+    assert all(math.isfinite(v) for h in history for v in h.values())
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["loss_sup"] < history[0]["loss_sup"]
+    assert set(TERM_KEYS) <= set(history[-1])
+    if method in ("cpcl", "mt_cpcl"):
+        assert any(h["loss_bpc"] > 0 for h in history) and any(h["loss_fpc"] > 0 for h in history)
+    if "mt" in method:
+        assert all(h["loss_mt"] > 0 for h in history)
+
+
+def test_teacher_follows_eq2_and_departs_from_student(tiny_net):
+    trainer = make_trainer(tiny_net, "cpcl", max_epochs=3)
+    teacher, before = trainer.teacher, {}
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def keep(_):
+        before["teacher"] = [p.detach().clone() for p in teacher.parameters()]
+
+    errors = []
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def check(_):
+        for old, new, student in zip(before["teacher"], teacher.parameters(), tiny_net.parameters()):
+            errors.append((new - (0.99 * old + 0.01 * student.detach())).abs().max().item())
+
+    trainer.run()
+    assert max(errors) < 1e-6
+    diff = sum((t - s).abs().sum().item() for t, s in zip(teacher.parameters(), tiny_net.parameters()))
+    assert diff > 0
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def _batch_sizes(module):
+    sizes = []
+    module.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    return sizes
+
+
+def test_cpcl_student_sees_only_labeled_images_and_mt_student_sees_both(tiny_net):
+    trainer = make_trainer(tiny_net, "cpcl", max_epochs=2)
+    student, teacher = _batch_sizes(tiny_net), _batch_sizes(trainer.teacher)
+    trainer.run()
+    assert student == [2, 2] and teacher == [2, 2]
+    trainer = make_trainer(tiny_net, "mt", max_epochs=2)
+    student = _batch_sizes(tiny_net)
+    trainer.run()
+    assert student == [4, 4]
+
+
+def test_supervised_needs_no_teacher_and_no_unlabeled_data(tiny_net):
+    class Exploding:
+        def __iter__(self):
+            raise AssertionError("the unlabeled stream must not be read")
+
+    labeled = DataLoader(blob_batch(2), batch_size=2)
+    trainer = CPCLTrainer("cpu", 2, labeled, tiny_net, paper_optimizer(tiny_net.parameters()), supervised_loss(),
+                          unlabeled_data_loader=Exploding(), method="supervised")
+    history = record_terms(trainer)
+    trainer.run()
+    assert trainer.teacher is None and len(history) == 2 and history[0]["lambda"] == 0.0
+
+
+def test_lambda_follows_gaussian_rampup_over_the_run(tiny_net):
+    trainer = make_trainer(tiny_net, "cpcl", max_epochs=5, w_max=0.1)
+    history = record_terms(trainer)
+    trainer.run()
+    expected = [0.1 * math.exp(-5 * (1 - t / 5) ** 2) for t in range(5)]
+    assert [h["lambda"] for h in history] == pytest.approx(expected)
+
+
+def test_poly_lr_per_step(tiny_net):
+    optimizer_holder = {}
+    net = tiny_net
+    labeled = DataLoader(blob_batch(2), batch_size=2)
+    opt = paper_optimizer(net.parameters())
+    optimizer_holder["opt"] = opt
+    trainer = CPCLTrainer("cpu", 4, labeled, net, opt, supervised_loss(), method="supervised",
+                          train_handlers=[poly_lr_handler(opt, total_steps=10)])
+    trainer.run()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * (1 - 4 / 10) ** 0.9)
+    assert opt.param_groups[0]["momentum"] == 0.9 and opt.param_groups[0]["weight_decay"] == 1e-4
+
+
+@pytest.mark.parametrize("prototype_grad", [True, False])
+def test_prototype_terms_train_the_encoder_only_with_prototype_grad(tiny_net, prototype_grad):
+    """Through the trainer: with L_s switched off, CPCL's gradient comes from L_fpc + beta L_bpc alone."""
+    zero_loss = lambda pred, target: pred.sum() * 0.0  # noqa: E731
+    trainer = make_trainer(tiny_net, "cpcl", loss_function=zero_loss, rampup="constant",
+                           prototype_grad=prototype_grad)
+    grads = {}
+
+    @trainer.on(IterationEvents.BACKWARD_COMPLETED)
+    def grab(engine):
+        grads["encoder"] = sum(p.grad.abs().sum().item() for n, p in tiny_net.named_parameters() if n.startswith("down_"))
+        grads["terms"] = engine.state.output["loss_fpc"], engine.state.output["loss_bpc"]
+
+    trainer.run()
+    assert grads["terms"][0] > 0 and grads["terms"][1] > 0
+    assert (grads["encoder"] > 0) == prototype_grad
+
+
+def test_missing_unlabeled_loader_is_an_error(tiny_net):
+    labeled = DataLoader(blob_batch(2), batch_size=2)
+    with pytest.raises(ValueError, match="needs unlabeled data"):
+        CPCLTrainer("cpu", 1, labeled, tiny_net, paper_optimizer(tiny_net.parameters()), supervised_loss())
