@@ -15,3 +15,7 @@ Medical Image Segmentation", IEEE JBHI 26(7), 2022.
 """
 
 __version__ = "0.1.0"
+
+from cpcl_bundle import data, evaluation, losses, methods, networks, prototypes, trainer, transforms  # noqa: E402
+
+__all__ = ["data", "evaluation", "losses", "methods", "networks", "prototypes", "trainer", "transforms"]

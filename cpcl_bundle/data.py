@@ -27,9 +27,21 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DATALIST_KEYS", "load_datalist", "semi_supervised_split", "CyclingLoader"]
+__all__ = [
+    "DATALIST_KEYS",
+    "DATALIST_NAME",
+    "IMAGE_SUFFIXES",
+    "load_datalist",
+    "ensure_dataset",
+    "inference_datalist",
+    "semi_supervised_split",
+    "CyclingLoader",
+]
 
 DATALIST_KEYS = ("training", "validation", "test", "unlabeled")
+DATALIST_NAME = "dataset.json"
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".nhdr")
+_GENERATOR_FOLDERS = {"imagesTr", "labelsTr", "imagesTs", "labelsTs", "imagesUn"}
 
 
 def _resolve(item: Any, base_dir: Path, key: str, index: int, source: str) -> dict:
@@ -74,6 +86,61 @@ def load_datalist(path: str | os.PathLike, base_dir: str | os.PathLike | None = 
             raise ValueError(f"datalist {path}: '{key}' must be a list, got {type(items).__name__}")
         out[key] = [_resolve(item, base, key, i, str(path)) for i, item in enumerate(items)]
     return out
+
+
+def ensure_dataset(dataset_dir: str | os.PathLike, generate: bool = True, **generator_options: Any) -> Path:
+    """The datalist of ``dataset_dir``, generating the embedded phantom data set there on first use.
+
+    ``<dataset_dir>/dataset.json`` is used when it exists. Otherwise, if ``dataset_dir`` does not exist or is
+    empty (and ``generate``), the default phantom data set is written into it
+    (:func:`cpcl_bundle.synthetic.generate_dataset`). A folder that holds other files but no datalist is
+    never written into: that is an error saying what to add.
+    """
+    folder = Path(dataset_dir)
+    datalist = folder / DATALIST_NAME
+    if datalist.is_file():
+        return datalist
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"dataset_dir {folder} is a file, not a folder")
+    # an interrupted generation leaves only the generator's own folders (dataset.json is written last)
+    leftovers = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    if leftovers - _GENERATOR_FOLDERS:
+        raise FileNotFoundError(
+            f"{folder} holds files but no {DATALIST_NAME}: add a Decathlon-style datalist there "
+            "(keys 'training', 'validation', 'test', optional 'unlabeled'), or point dataset_dir to an empty "
+            "folder to generate the embedded phantom data set"
+        )
+    if not generate:
+        raise FileNotFoundError(f"no {DATALIST_NAME} in {folder} and generation is off")
+    from tqdm import tqdm
+
+    from cpcl_bundle.synthetic import generate_dataset
+
+    with tqdm(desc=f"generating phantoms in {folder}", unit="case") as bar:
+
+        def progress(done: int, total: int, info: dict) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        return Path(generate_dataset(folder, progress=progress, **generator_options))
+
+
+def inference_datalist(dataset_dir: str | os.PathLike, key: str = "test") -> list[dict]:
+    """Images to segment: the ``key`` list of ``<dataset_dir>/dataset.json`` if there is one, else every
+    image file directly in ``dataset_dir`` (NIfTI, NRRD, MetaImage), sorted. ``dataset_dir`` may also be
+    one image file."""
+    path = Path(dataset_dir)
+    if path.is_file():
+        return [{"image": str(path)}]
+    if not path.is_dir():
+        raise FileNotFoundError(f"dataset_dir {path} does not exist")
+    if (path / DATALIST_NAME).is_file():
+        items = load_datalist(path / DATALIST_NAME)[key]
+        return [{"image": item["image"]} for item in items]
+    files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) and no {DATALIST_NAME} in {path}")
+    return [{"image": f} for f in files]
 
 
 def semi_supervised_split(

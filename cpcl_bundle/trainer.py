@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from ignite.engine import Engine, EventEnum
+from ignite.engine import Engine, EventEnum, Events
 from ignite.handlers import EMAHandler
 from ignite.metrics import Metric
 from monai.engines import Trainer
@@ -53,7 +53,7 @@ from cpcl_bundle.networks import FeatureTap
 
 __all__ = ["CPCLTrainer", "TERM_KEYS", "loss_terms", "paper_optimizer", "poly_lr_handler"]
 
-TERM_KEYS = ("loss", "loss_sup", "loss_fpc", "loss_bpc", "loss_mt", "lambda", "skipped_fpc", "skipped_bpc")
+TERM_KEYS = ("loss", "loss_sup", "loss_fpc", "loss_bpc", "loss_mt", "lambda", "lr", "skipped_fpc", "skipped_bpc")
 """Scalars every iteration puts in ``engine.state.output`` (absent terms are 0)."""
 
 
@@ -109,6 +109,8 @@ class CPCLTrainer(Trainer):
             code) instead of averaging them over the batch (the paper).
         stability: add the mean-teacher consistency term to the method (released code's "stability" loss).
         noise_std, noise_clip: teacher input noise ``clamp(N(0, std^2), -clip, clip)`` for the MT term.
+        max_iterations: stop after this many iterations even if ``max_epochs`` allows more (the run is
+            ``min(max_iterations, max_epochs * epoch_length)`` steps; ramp-up and LR follow that length).
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class CPCLTrainer(Trainer):
         stability: bool = False,
         noise_std: float = 0.1,
         noise_clip: float = 0.2,
+        max_iterations: int | None = None,
     ) -> None:
         super().__init__(
             device=device,
@@ -190,6 +193,11 @@ class CPCLTrainer(Trainer):
         self.per_image_prototypes = bool(per_image_prototypes)
         self.noise_std, self.noise_clip = float(noise_std), float(noise_clip)
         self.skipped = {"fpc": 0, "bpc": 0}
+        self.max_iterations = None if max_iterations is None else int(max_iterations)
+        if self.max_iterations is not None:
+            if self.max_iterations < 1:
+                raise ValueError(f"max_iterations must be at least 1, got {max_iterations}")
+            self.add_event_handler(Events.ITERATION_COMPLETED, self._stop_at_max_iterations)
 
         self.ema: EMAHandler | None = None
         self.teacher: torch.nn.Module | None = None
@@ -216,11 +224,21 @@ class CPCLTrainer(Trainer):
             self._register_handlers(train_handlers)
 
     # ---------------------------------------------------------------------------------------------- helpers
+    @property
+    def total_iterations(self) -> int:
+        """Length of the run in steps: ``max_epochs * epoch_length``, capped by ``max_iterations``."""
+        total = (self.state.max_epochs or 1) * (self.state.epoch_length or 1)
+        return total if self.max_iterations is None else min(total, self.max_iterations)
+
+    def _stop_at_max_iterations(self, engine: Engine) -> None:
+        if engine.state.iteration >= self.max_iterations:
+            engine.terminate()
+
     def consistency_weight(self, iteration: int) -> float:
         """``lambda(t)`` at 1-based ``iteration`` (``t = iteration - 1``), ``t_max`` = the whole run by default."""
         length = self.rampup_length
         if length is None:
-            length = (self.state.max_epochs or 1) * (self.state.epoch_length or 1) / self.rampup_step_size
+            length = self.total_iterations / self.rampup_step_size
         return consistency_weight(iteration - 1, length, self.w_max, self.rampup, self.rampup_step_size)
 
     def _prepare(self, batchdata: Any) -> tuple[torch.Tensor, torch.Tensor | None, tuple, dict]:
@@ -270,7 +288,7 @@ class CPCLTrainer(Trainer):
         if y_l is None:
             raise ValueError("the labeled batch has no 'label': CPCLTrainer's train_data_loader must yield labels")
         x_u = engine._prepare(next(engine.unlabeled_stream))[0] if method.needs_unlabeled else None
-        engine.state.output = {Keys.IMAGE: x_l, Keys.LABEL: y_l}
+        engine.state.output = {Keys.IMAGE: x_l, Keys.LABEL: y_l, "lr": float(engine.optimizer.param_groups[0]["lr"])}
         tap = method.needs_prototypes
         b_l = x_l.shape[0]
 

@@ -86,3 +86,26 @@ def test_cycling_loader_restarts_and_sets_epoch():
     assert seen[:2] != seen[2:4]  # reshuffled per pass through set_epoch
     with pytest.raises(RuntimeError, match="unlabeled set empty"):
         next(CyclingLoader(DataLoader([], batch_size=2)))
+
+
+def test_ensure_dataset_generates_once_and_never_writes_into_user_folders(tmp_path):
+    from cpcl_bundle.data import ensure_dataset
+
+    small = {"num_training": 2, "num_validation": 1, "num_test": 1, "workers": 1, "scale": 0.3}
+    target = tmp_path / "new"
+    path = ensure_dataset(target, **small)
+    assert path == target / "dataset.json" and len(load_datalist(path)["training"]) == 2
+    stamp = path.stat().st_mtime_ns
+    assert ensure_dataset(target, **small).stat().st_mtime_ns == stamp  # used as is the second time
+    # an interrupted generation (no dataset.json yet, only the generator's folders) is completed
+    interrupted = tmp_path / "interrupted"
+    (interrupted / "imagesTr").mkdir(parents=True)
+    (interrupted / "imagesTr" / "case_0000.nii.gz").write_bytes(b"truncated")
+    assert ensure_dataset(interrupted, **small).is_file()
+    # a user's folder without a datalist is an error, and nothing is written into it
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "scan.nii.gz").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="no dataset.json"):
+        ensure_dataset(user, **small)
+    assert sorted(p.name for p in user.iterdir()) == ["scan.nii.gz"]

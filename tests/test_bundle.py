@@ -1,0 +1,189 @@
+# Copyright (c) MONAI Consortium
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The bundle as the zoo and MONAI check it, and end to end on a tiny generated data set."""
+
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata, verify_net_in_out
+from monai.inferers.utils import _get_scan_interval
+from monai.transforms import LoadImaged, Spacingd
+
+from cpcl_bundle.transforms import RobustSpacingd
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+META = str(CONFIGS / "metadata.json")
+LOGGING = str(CONFIGS / "logging.conf")
+TRAIN, INFER, EVALUATE = (str(CONFIGS / f) for f in ("train.json", "inference.json", "evaluate.json"))
+TINY = {  # a few seconds per run on 2 CPU cores
+    "patch_size": [32, 32, 32],
+    "sw_roi_size": [32, 32, 32],
+    "cache_workers": 1,
+}
+
+
+def test_verify_metadata_offline(tmp_path):
+    schema = tmp_path / "schema.json"
+    shutil.copy(ROOT / "tests" / "data" / "meta_schema_20220324.json", schema)  # present: never downloaded
+    verify_metadata(meta_file=META, filepath=str(schema))
+
+
+def test_metadata_is_one_file_and_names_installed_versions():
+    assert (ROOT / "metadata.json").resolve() == Path(META).resolve()
+    meta = json.loads(Path(META).read_text())
+    assert meta["version"] in meta["changelog"]
+    assert meta["monai_version"] == importlib.metadata.version("monai")
+    assert meta["pytorch_version"] == importlib.metadata.version("torch").split("+")[0]
+    assert meta["numpy_version"] == importlib.metadata.version("numpy")
+    for name, version in meta["optional_packages_version"].items():
+        assert importlib.metadata.version(name) == version, name
+    channels = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    assert channels == {"0": "background", "1": "kidney"}
+
+
+def test_verify_net_in_out():
+    verify_net_in_out(net_id="network_def", meta_file=META, config_file=INFER, n=1, device="cpu")
+
+
+def test_sliding_window_stride_is_exactly_64():
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    roi, overlap = parser.get_parsed_content("sw_roi_size"), parser.get_parsed_content("sw_overlap")
+    assert roi == [96, 96, 96]
+    assert _get_scan_interval((200, 200, 200), roi, 3, (overlap,) * 3) == (64, 64, 64)
+
+
+def test_robust_spacingd_tolerates_monai_label_image_path(tmp_path):
+    path = tmp_path / "img.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.rand(8, 8, 4).astype(np.float32), np.diag([1.0, 1.0, 3.0, 1.0])), path)
+    data = LoadImaged("image", ensure_channel_first=True)({"image": str(path)})
+    data["image_path"] = str(path)  # what MONAI Label adds
+    with pytest.raises(AttributeError):  # the clash this transform exists for
+        Spacingd("image", pixdim=(2.0, 2.0, 2.0))(dict(data))
+    out = RobustSpacingd("image", pixdim=(2.0, 2.0, 2.0))(dict(data))
+    assert out["image_path"] == str(path) and tuple(out["image"].shape) == (1, 4, 4, 6)
+    expected = Spacingd("image", pixdim=(2.0, 2.0, 2.0))({"image": data["image"]})["image"]
+    assert torch.equal(out["image"], expected)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    from cpcl_bundle.synthetic import generate_dataset
+
+    folder = tmp_path_factory.mktemp("phantoms")
+    generate_dataset(folder, num_training=6, num_validation=1, num_test=2, seed=1, workers=1, scale=0.5)
+    return folder
+
+
+def _workflow(workflow_type, config_file, **override):
+    return ConfigWorkflow(
+        workflow_type=workflow_type, config_file=config_file, meta_file=META, logging_file=LOGGING,
+        bundle_root=str(ROOT), **override
+    )
+
+
+def test_check_properties_are_empty(tiny_dataset, tmp_path):
+    train = _workflow("train", TRAIN, dataset_dir=str(tiny_dataset), output_dir=str(tmp_path), **TINY)
+    train.initialize()
+    assert train.check_properties() == []
+    infer = _workflow("infer", INFER, dataset_dir=str(tiny_dataset), output_dir=str(tmp_path), load_pretrain=False)
+    infer.initialize()
+    assert infer.check_properties() == []
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tmp_path_factory):
+    """`python -m monai.bundle run training` exactly as a user types it, with tiny overrides."""
+    out = tmp_path_factory.mktemp("run")
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN,
+        "--meta_file", META, "--logging_file", LOGGING, "--bundle_root", str(ROOT),
+        "--dataset_dir", str(tiny_dataset), "--output_dir", str(out), "--ckpt_dir", str(out / "models"),
+        "--max_iterations", "2", "--patch_size", "[32,32,32]", "--sw_roi_size", "[32,32,32]",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout + proc.stderr
+
+
+def test_training_writes_a_plain_state_dict(trained):
+    out, log = trained
+    state = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(state, strict=True)
+    split = json.loads((out / "split.json").read_text())
+    assert split["num_labeled"] == 1 and split["num_unlabeled"] == 5  # 10 % of 6 training cases, at least 1
+    assert list(out.glob("events.out.tfevents.*"))
+    assert "Engine run finished" in log
+
+
+def test_max_epochs_override_is_honoured(tiny_dataset, tmp_path):
+    """MONAI Label sets train#trainer#max_epochs; it must bound the run like max_iterations does."""
+    wf = _workflow("train", TRAIN, dataset_dir=str(tiny_dataset), output_dir=str(tmp_path),
+                   ckpt_dir=str(tmp_path / "models"), iterations_per_epoch=2, max_iterations=1000,
+                   **{"train#trainer#max_epochs": 1, "val_interval": 1}, **TINY)
+    wf.initialize()
+    wf.run()
+    trainer = wf.train_trainer if hasattr(wf, "train_trainer") else wf.parser.get_parsed_content("train#trainer")
+    assert trainer.state.iteration == 2 and trainer.state.epoch == 1
+    assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "models" / "model_best.pt").is_file()
+    wf.finalize()
+
+
+def test_inference_writes_labels_in_the_input_geometry(trained, tiny_dataset, tmp_path):
+    out, _ = trained
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    test_image = json.loads((tiny_dataset / "dataset.json").read_text())["test"][0]["image"]
+    shutil.copy(tiny_dataset / test_image, inputs / "case_a.nii.gz")
+    # an unusual one: LPS orientation, odd spacing, smaller than the 96^3 window
+    small = nib.load(tiny_dataset / test_image)
+    arr = np.asarray(small.dataobj)[::-6, ::6, :12]
+    affine = small.affine @ np.diag([-6.0, 6.0, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(arr, affine), inputs / "case_b.nii.gz")
+    wf = _workflow("infer", INFER, dataset_dir=str(inputs), output_dir=str(tmp_path / "pred"),
+                   **{"checkpointloader#load_path": str(out / "models" / "model.pt")})
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    for name in ("case_a", "case_b"):
+        src, pred = nib.load(inputs / f"{name}.nii.gz"), nib.load(tmp_path / "pred" / f"{name}_seg.nii.gz")
+        assert pred.shape == src.shape
+        assert np.allclose(pred.affine, src.affine, atol=1e-4)
+        assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
+
+
+def test_evaluation_writes_all_four_metrics(trained, tiny_dataset):
+    out, _ = trained
+    wf = _workflow("train", [TRAIN, EVALUATE], dataset_dir=str(tiny_dataset), output_dir=str(out),
+                   ckpt_dir=str(out / "models"), **TINY)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert lines[0] == "case,dice,jaccard,hd95_mm,asd_mm" and len(lines) == 3
+    summary = json.loads((out / "metrics_summary.json").read_text())
+    assert summary["num_cases"] == 2
+    for metric in ("dice", "jaccard", "hd95_mm", "asd_mm"):
+        assert set(summary[metric]) == {"mean", "std", "num_undefined"}
+    assert 0.0 <= summary["dice"]["mean"] <= 1.0
