@@ -18,6 +18,7 @@ their labels, as unlabeled. The split is written next to the run's outputs (``sp
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -35,6 +36,9 @@ __all__ = [
     "ensure_dataset",
     "inference_datalist",
     "semi_supervised_split",
+    "labeled_data",
+    "unlabeled_data",
+    "sibling_images",
     "CyclingLoader",
 ]
 
@@ -194,6 +198,66 @@ def semi_supervised_split(
         tmp.write_text(json.dumps(record, indent=2))
         os.replace(tmp, target)
     return split
+
+
+@functools.lru_cache(maxsize=8)
+def _split_of(dataset_dir: str, labeled_ratio: float | None, num_labeled: int | None, seed: int, output_dir: str | None):
+    datalist = load_datalist(ensure_dataset(dataset_dir))
+    return semi_supervised_split(datalist, labeled_ratio, num_labeled, seed, output_dir)
+
+
+def labeled_data(
+    dataset_dir: str | os.PathLike,
+    labeled_ratio: float | None = None,
+    num_labeled: int | None = None,
+    seed: int = 0,
+    output_dir: str | os.PathLike | None = None,
+) -> list[dict]:
+    """The labeled stream of ``dataset_dir``'s datalist (generated on first use), split as
+    :func:`semi_supervised_split` does; the split is computed once per arguments and written to
+    ``output_dir``."""
+    out = None if output_dir is None else str(output_dir)
+    return list(_split_of(str(dataset_dir), labeled_ratio, num_labeled, int(seed), out)["labeled"])
+
+
+def sibling_images(labeled: list[dict]) -> list[dict]:
+    """Images in the folders of the labeled images that are not labeled themselves.
+
+    This is MONAI Label's datastore seen from a bundle: its train task passes only the labeled
+    ``{"image", "label"}`` pairs, and the studies folder that holds those images also holds the images nobody
+    has annotated yet; those are the unlabeled stream.
+    """
+    taken = {os.path.realpath(item["image"]) for item in labeled}
+    folders = sorted({os.path.dirname(os.path.realpath(item["image"])) for item in labeled})
+    found = []
+    for folder in folders:
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path) and name.lower().endswith(IMAGE_SUFFIXES) and os.path.realpath(path) not in taken:
+                found.append({"image": path})
+    return found
+
+
+def unlabeled_data(
+    labeled: list[dict],
+    dataset_dir: str | os.PathLike,
+    labeled_ratio: float | None = None,
+    num_labeled: int | None = None,
+    seed: int = 0,
+    output_dir: str | os.PathLike | None = None,
+) -> list[dict]:
+    """The unlabeled stream that goes with ``labeled`` (``train#dataset#data``).
+
+    When the labeled cases come from ``dataset_dir`` (the bundle's own run), it is the unlabeled part of the
+    same split (:func:`labeled_data`). When they come from elsewhere (MONAI Label overrides
+    ``train#dataset#data`` with its datastore's labeled images), it is :func:`sibling_images`: the
+    datastore's images without a label. ``dataset_dir`` is then never read, so nothing is generated.
+    """
+    root = os.path.realpath(dataset_dir)
+    if labeled and all(os.path.realpath(item["image"]).startswith(root + os.sep) for item in labeled):
+        out = None if output_dir is None else str(output_dir)
+        return list(_split_of(str(dataset_dir), labeled_ratio, num_labeled, int(seed), out)["unlabeled"])
+    return sibling_images(labeled)
 
 
 class CyclingLoader:

@@ -109,3 +109,31 @@ def test_ensure_dataset_generates_once_and_never_writes_into_user_folders(tmp_pa
     with pytest.raises(FileNotFoundError, match="no dataset.json"):
         ensure_dataset(user, **small)
     assert sorted(p.name for p in user.iterdir()) == ["scan.nii.gz"]
+
+
+def test_unlabeled_stream_under_monai_label_is_the_datastores_unlabeled_images(tmp_path):
+    from cpcl_bundle.data import unlabeled_data
+
+    studies = tmp_path / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        (studies / f"{name}.nii.gz").write_bytes(b"x")
+    (studies / "labels" / "final" / "a.nii.gz").write_bytes(b"x")
+    (studies / "datastore_v2.json").write_text("{}")
+    labeled = [{"image": str(studies / "a.nii.gz"), "label": str(studies / "labels" / "final" / "a.nii.gz")}]
+    never = tmp_path / "bundle_data"  # the bundle's own dataset_dir: must not be generated into
+    got = unlabeled_data(labeled, never, labeled_ratio=0.1)
+    assert got == [{"image": str(studies / "b.nii.gz")}, {"image": str(studies / "c.nii.gz")}]
+    assert not never.exists()
+
+
+def test_labeled_and_unlabeled_data_share_one_split(tmp_path):
+    from cpcl_bundle.data import labeled_data, unlabeled_data
+    from cpcl_bundle.synthetic import generate_dataset
+
+    generate_dataset(tmp_path / "d", num_training=5, num_validation=1, num_test=1, workers=1, scale=0.3)
+    labeled = labeled_data(tmp_path / "d", 0.4, None, 0, tmp_path / "out")
+    unlabeled = unlabeled_data(labeled, tmp_path / "d", 0.4, None, 0, tmp_path / "out")
+    assert len(labeled) == 2 and len(unlabeled) == 3
+    assert {d["image"] for d in labeled}.isdisjoint(d["image"] for d in unlabeled)
+    assert json.loads((tmp_path / "out" / "split.json").read_text())["labeled"] == labeled
