@@ -24,7 +24,12 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
-from cpcl_bundle.prototypes import masked_average_prototypes, masked_average_prototypes_per_image, prototype_logits
+from cpcl_bundle.prototypes import (
+    masked_average_prototypes,
+    masked_average_prototypes_per_image,
+    prototype_logits,
+    prototype_probabilities,
+)
 
 __all__ = [
     "PAPER_BETA",
@@ -34,6 +39,7 @@ __all__ = [
     "forward_prototype_loss",
     "backward_prototype_loss",
     "softmax_mse_consistency",
+    "prototype_predictions",
     "gaussian_rampup",
     "sigmoid_rampup",
     "consistency_weight",
@@ -156,6 +162,26 @@ def backward_prototype_loss(
     if not bool(present.all()):
         return _zero(features_l), False
     return F.cross_entropy(prototype_logits(features_l, protos, size, scale), target), True
+
+
+def prototype_predictions(
+    features_l: torch.Tensor,
+    labels_l: torch.Tensor,
+    features_u: torch.Tensor,
+    probs_u: torch.Tensor,
+    scale: float = PAPER_PROTOTYPE_SCALE,
+) -> dict[str, torch.Tensor | None]:
+    """``P_l2u`` (Eq. 5) and ``P_u2l`` (Eq. 9) themselves, for inspection (the paper's Fig. 6).
+
+    Batch prototypes as in the losses; a map whose prototypes are undefined for this batch is ``None``.
+    """
+    num_classes = probs_u.shape[1]
+    protos_l, present_l = masked_average_prototypes(features_l, labels_l, num_classes)
+    protos_u, present_u = masked_average_prototypes(features_u, probs_u.argmax(1, keepdim=True), num_classes)
+    return {
+        "p_l2u": prototype_probabilities(features_u, protos_l, probs_u.shape[2:], scale) if present_l.all() else None,
+        "p_u2l": prototype_probabilities(features_l, protos_u, labels_l.shape[2:], scale) if present_u.all() else None,
+    }
 
 
 def softmax_mse_consistency(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:

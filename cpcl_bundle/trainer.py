@@ -46,6 +46,7 @@ from cpcl_bundle.losses import (
     backward_prototype_loss,
     consistency_weight,
     forward_prototype_loss,
+    prototype_predictions,
     softmax_mse_consistency,
 )
 from cpcl_bundle.methods import Method, get_method
@@ -193,6 +194,7 @@ class CPCLTrainer(Trainer):
         self.per_image_prototypes = bool(per_image_prototypes)
         self.noise_std, self.noise_clip = float(noise_std), float(noise_clip)
         self.skipped = {"fpc": 0, "bpc": 0}
+        self.record_maps = False  # set by a handler (e.g. PrototypeMapHandler) for the steps it displays
         self.max_iterations = None if max_iterations is None else int(max_iterations)
         if self.max_iterations is not None:
             if self.max_iterations < 1:
@@ -306,6 +308,8 @@ class CPCLTrainer(Trainer):
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
 
             terms = engine._loss_terms(logits, logits_l, y_l, feats, b_l, logits_t, feats_u)
+            if engine.record_maps:
+                engine._record_maps(x_l, y_l, logits_l, x_u, logits_t, feats, b_l, feats_u)
         loss = terms.pop("loss")
         engine.state.output[Keys.LOSS] = loss
         engine.state.output.update(terms)
@@ -322,6 +326,23 @@ class CPCLTrainer(Trainer):
             engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+    @torch.no_grad()
+    def _record_maps(self, x_l, y_l, logits_l, x_u, logits_t, feats, b_l, feats_u) -> None:
+        """First image of each stream, on the CPU, in ``state.prototype_maps`` (Fig. 6 of the paper):
+        inputs, label, student ``P_l``, teacher ``P_u`` and, for prototype methods, ``P_l2u`` and ``P_u2l``."""
+
+        def first(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[0].detach().float().cpu()
+
+        maps = {"x_l": first(x_l), "y_l": first(y_l), "p_l": first(torch.softmax(logits_l.float(), 1))}
+        if x_u is not None and logits_t is not None:
+            probs_u = torch.softmax(logits_t.float(), 1)
+            maps.update(x_u=first(x_u), p_u=first(probs_u))
+            if self.method.needs_prototypes:
+                preds = prototype_predictions(feats[:b_l].float(), y_l, feats_u.float(), probs_u, self.prototype_scale)
+                maps.update({k: first(v) for k, v in preds.items()})
+        self.state.prototype_maps = maps
 
     def _loss_terms(
         self,

@@ -27,3 +27,12 @@ def _seed():
 @pytest.fixture
 def tiny_net():
     return unet3d(features=TINY_FEATURES)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    from cpcl_bundle.synthetic import generate_dataset
+
+    folder = tmp_path_factory.mktemp("phantoms")
+    generate_dataset(folder, num_training=6, num_validation=1, num_test=2, seed=1, workers=1, scale=0.5)
+    return folder

@@ -84,15 +84,6 @@ def test_robust_spacingd_tolerates_monai_label_image_path(tmp_path):
     assert torch.equal(out["image"], expected)
 
 
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    from cpcl_bundle.synthetic import generate_dataset
-
-    folder = tmp_path_factory.mktemp("phantoms")
-    generate_dataset(folder, num_training=6, num_validation=1, num_test=2, seed=1, workers=1, scale=0.5)
-    return folder
-
-
 def _workflow(workflow_type, config_file, **override):
     return ConfigWorkflow(
         workflow_type=workflow_type, config_file=config_file, meta_file=META, logging_file=LOGGING,
