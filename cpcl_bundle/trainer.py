@@ -200,6 +200,7 @@ class CPCLTrainer(Trainer):
             if self.max_iterations < 1:
                 raise ValueError(f"max_iterations must be at least 1, got {max_iterations}")
             self.add_event_handler(Events.ITERATION_COMPLETED, self._stop_at_max_iterations)
+            self.add_event_handler(Events.EPOCH_COMPLETED, self._stop_at_max_iterations)
 
         self.ema: EMAHandler | None = None
         self.teacher: torch.nn.Module | None = None
@@ -233,7 +234,11 @@ class CPCLTrainer(Trainer):
         return total if self.max_iterations is None else min(total, self.max_iterations)
 
     def _stop_at_max_iterations(self, engine: Engine) -> None:
-        if engine.state.iteration >= self.max_iterations:
+        """Stop at ``max_iterations``; at an epoch's last iteration, only once the epoch's handlers
+        (validation, checkpoints) have run."""
+        at_epoch_end = engine.state.epoch_length and engine.state.iteration % engine.state.epoch_length == 0
+        if engine.state.iteration >= self.max_iterations and (engine.last_event_name == Events.EPOCH_COMPLETED
+                                                               or not at_epoch_end):
             engine.terminate()
 
     def consistency_weight(self, iteration: int) -> float:

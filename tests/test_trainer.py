@@ -159,3 +159,14 @@ def test_missing_unlabeled_loader_is_an_error(tiny_net):
     labeled = DataLoader(blob_batch(2), batch_size=2)
     with pytest.raises(ValueError, match="needs unlabeled data"):
         CPCLTrainer("cpu", 1, labeled, tiny_net, paper_optimizer(tiny_net.parameters()), supervised_loss())
+
+
+@pytest.mark.parametrize("max_iterations,epochs_completed", [(3, 1), (4, 2)])
+def test_max_iterations_stops_the_run_after_the_epochs_handlers(tiny_net, max_iterations, epochs_completed):
+    trainer = make_trainer(tiny_net, "supervised", max_epochs=5, n_labeled=2, max_iterations=max_iterations,
+                           epoch_length=2)
+    completed = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: completed.append(e.state.epoch))
+    trainer.run()
+    assert trainer.state.iteration == max_iterations and len(completed) == epochs_completed
+    assert trainer.total_iterations == max_iterations
