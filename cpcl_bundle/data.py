@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Iterator
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DATALIST_KEYS",
@@ -245,6 +248,7 @@ def unlabeled_data(
     num_labeled: int | None = None,
     seed: int = 0,
     output_dir: str | os.PathLike | None = None,
+    min_count: int = 1,
 ) -> list[dict]:
     """The unlabeled stream that goes with ``labeled`` (``train#dataset#data``).
 
@@ -252,12 +256,26 @@ def unlabeled_data(
     same split (:func:`labeled_data`). When they come from elsewhere (MONAI Label overrides
     ``train#dataset#data`` with its datastore's labeled images), it is :func:`sibling_images`: the
     datastore's images without a label. ``dataset_dir`` is then never read, so nothing is generated.
+    If that gives fewer than ``min_count`` images (one unlabeled batch; e.g. every study is annotated), the
+    labeled images join the unlabeled stream without their labels, with a warning, so training still runs.
     """
     root = os.path.realpath(dataset_dir)
     if labeled and all(os.path.realpath(item["image"]).startswith(root + os.sep) for item in labeled):
         out = None if output_dir is None else str(output_dir)
-        return list(_split_of(str(dataset_dir), labeled_ratio, num_labeled, int(seed), out)["unlabeled"])
-    return sibling_images(labeled)
+        found = list(_split_of(str(dataset_dir), labeled_ratio, num_labeled, int(seed), out)["unlabeled"])
+        source = f"the split of {dataset_dir}"
+    else:
+        found = sibling_images(labeled)
+        source = "the unannotated images beside the labeled ones"
+    if len(found) < min_count:
+        extra = [{"image": item["image"]} for item in labeled]
+        logger.warning(
+            f"only {len(found)} unlabeled image(s) in {source} (one batch needs {min_count}): "
+            f"the {len(extra)} labeled image(s) are used without labels as unlabeled data too"
+        )
+        found += extra
+    logger.info(f"unlabeled stream: {len(found)} image(s) from {source}")
+    return found
 
 
 class CyclingLoader:

@@ -137,3 +137,13 @@ def test_labeled_and_unlabeled_data_share_one_split(tmp_path):
     assert len(labeled) == 2 and len(unlabeled) == 3
     assert {d["image"] for d in labeled}.isdisjoint(d["image"] for d in unlabeled)
     assert json.loads((tmp_path / "out" / "split.json").read_text())["labeled"] == labeled
+
+
+def test_too_few_unlabeled_images_fall_back_to_the_labeled_ones(tmp_path):
+    from cpcl_bundle.data import unlabeled_data
+
+    (tmp_path / "a.nii.gz").write_bytes(b"x")
+    (tmp_path / "b.nii.gz").write_bytes(b"x")
+    labeled = [{"image": str(tmp_path / "a.nii.gz"), "label": "la"}, {"image": str(tmp_path / "b.nii.gz"), "label": "lb"}]
+    got = unlabeled_data(labeled, tmp_path / "elsewhere", min_count=2)  # every study annotated
+    assert got == [{"image": str(tmp_path / "a.nii.gz")}, {"image": str(tmp_path / "b.nii.gz")}]

@@ -1,0 +1,301 @@
+# Copyright (c) MONAI Consortium
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The bundle served by a real MONAI Label 0.8.5 server (the `monaibundle` sample app), offline, on CPU.
+
+MONAI Label lives in its own environment, ``.venv-label`` (``scripts/setup_monailabel.sh``; it downgrades numpy,
+so it never shares the bundle's). This test installs nothing: without that venv it is skipped, or fails when
+``CPCL_REQUIRE_MONAILABEL=1`` (CI). The server runs on temporary copies of the app, the bundle and a studies
+folder; it binds 127.0.0.1 and is stopped by its process group.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from cpcl_bundle import BUNDLE_NAME
+
+pytestmark = [pytest.mark.monailabel, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(os.environ.get("CPCL_LABEL_VENV", ROOT / ".venv-label"))
+LABEL_PYTHON = VENV / "bin" / "python"
+# what a user copies into <app>/model/<name>: no data/, eval/, tests/, .git, venvs
+BUNDLE_ITEMS = ("configs", "cpcl_bundle", "docs", "models", "LICENSE", "README.md", "metadata.json")
+# 3 unlabeled: at least unlabeled_batch_size (2, drop_last), and a count that differs from the labeled one
+NUM_IMAGES, NUM_LABELED = 5, 2
+START_TIMEOUT, INFER_TIMEOUT = 120, 120
+# one MONAI Label epoch is the bundle's `iterations_per_epoch` (50) CPCL iterations at 48^3: 2-3 s each on 2 idle
+# cores, about 8 s while another training shares them (measured 385 s)
+TRAIN_TIMEOUT = float(os.environ.get("CPCL_MONAILABEL_TRAIN_TIMEOUT", 600))
+# sent with the train request when the bundle exposes it as a MONAI Label train option (displayable_configs)
+SHORT_EPOCH = 2
+
+
+def _label_python() -> Path:
+    if LABEL_PYTHON.exists():
+        return LABEL_PYTHON
+    reason = f"MONAI Label venv missing ({LABEL_PYTHON}): run scripts/setup_monailabel.sh"
+    if os.environ.get("CPCL_REQUIRE_MONAILABEL") == "1":
+        pytest.fail(reason + " (CPCL_REQUIRE_MONAILABEL=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+def _sample_app() -> Path:
+    candidates = [VENV / "monailabel" / "sample-apps" / "monaibundle"]
+    candidates += sorted(VENV.glob("lib/python3*/site-packages/monailabel/sample-apps/monaibundle"))
+    for c in candidates:
+        if (c / "main.py").is_file():
+            return c
+    pytest.fail(f"no monaibundle sample app in {VENV} (looked at {[str(c) for c in candidates]})", pytrace=False)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 30):
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method="GET" if data is None else "POST")
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.status, r.read()
+
+
+def _copy_bundle(target: Path) -> Path:
+    target.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pt", "*.ts", "*.onnx")
+    for name in BUNDLE_ITEMS:
+        src = ROOT / name
+        if src.is_symlink():
+            os.symlink(os.readlink(src), target / name)
+        elif src.is_dir():
+            shutil.copytree(src, target / name, ignore=ignore)
+        elif src.is_file():
+            shutil.copy2(src, target / name)
+    (target / "models").mkdir(exist_ok=True)
+    # MONAI Label hides a bundle without models/model.pt; random weights suffice for geometry checks
+    parser = ConfigParser()
+    parser.read_config(str(target / "configs" / "inference.json"))
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), target / "models" / "model.pt")
+    return target
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    """NUM_IMAGES phantoms as ``<studies>/<id>.nii.gz``; the first NUM_LABELED have ``labels/final/<id>.nii.gz``."""
+    from cpcl_bundle.synthetic import generate_dataset
+
+    _label_python()  # skip before generating anything
+    generated = tmp_path_factory.mktemp("phantoms")
+    datalist = json.loads(
+        Path(
+            generate_dataset(generated, num_training=NUM_IMAGES, num_validation=0, num_test=0, seed=1, workers=1,
+                             scale=0.5)
+        ).read_text()
+    )
+    folder = tmp_path_factory.mktemp("studies")
+    (folder / "labels" / "final").mkdir(parents=True)
+    ids = []
+    for i, item in enumerate(datalist["training"][:NUM_IMAGES]):
+        case = f"kidney_{i:02d}"
+        shutil.copy(generated / item["image"], folder / f"{case}.nii.gz")
+        if i < NUM_LABELED:
+            shutil.copy(generated / item["label"], folder / "labels" / "final" / f"{case}.nii.gz")
+        ids.append(case)
+    return folder, ids[:NUM_LABELED], ids[NUM_LABELED:]
+
+
+class Server:
+    """``python -m monailabel.main start_server`` of the venv, in its own process group, logging to a file."""
+
+    def __init__(self, app: Path, studies: Path, log: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+        env["PATH"] = f"{VENV / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+        env["PYTHONUNBUFFERED"] = "1"
+        cmd = [
+            str(LABEL_PYTHON), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
+            "--conf", "models", BUNDLE_NAME, "--conf", "zoo_source", "github", "--conf", "sam2", "false",
+            "--host", "127.0.0.1", "--port", str(self.port),
+        ]
+        self._log_file = open(log, "wb")
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=env, cwd=str(app), start_new_session=True
+        )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def tail(self, n: int = 12000) -> str:
+        return self.text()[-n:]
+
+    def wait_ready(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"MONAI Label exited with {self.proc.returncode} before answering /info/")
+            try:
+                status, body = _request(f"{self.url}/info/", timeout=5)
+                if status == 200:
+                    return json.loads(body)
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"MONAI Label did not answer /info/ within {timeout} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+                try:
+                    os.killpg(self.proc.pid, sig)  # the group: the server and anything it started
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        self._log_file.close()
+
+
+def _infer(server: Server, image_id: str, out: Path) -> Path:
+    query = urllib.parse.urlencode({"image": image_id, "output": "image"})
+    form = urllib.parse.urlencode({"params": json.dumps({"device": "cpu"})}).encode()
+    status, body = _request(
+        f"{server.url}/infer/{BUNDLE_NAME}?{query}", data=form,
+        headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=INFER_TIMEOUT,
+    )
+    assert status == 200
+    out.write_bytes(body)
+    return out
+
+
+def _check_label(label_file: Path, image_file: Path) -> np.ndarray:
+    image, label = nib.load(str(image_file)), nib.load(str(label_file))
+    assert label.shape == image.shape, (label.shape, image.shape)
+    np.testing.assert_allclose(label.affine, image.affine, atol=1e-4)
+    values = np.unique(np.asarray(label.dataobj))
+    assert set(values.tolist()) <= {0, 1}, values
+    return values
+
+
+def test_monailabel_serves_infers_and_trains_the_bundle(studies, tmp_path):
+    _label_python()
+    studies_dir, labeled, unlabeled = studies
+    app = tmp_path / "app"
+    shutil.copytree(_sample_app(), app, ignore=shutil.ignore_patterns("__pycache__"))
+    bundle = _copy_bundle(app / "model" / BUNDLE_NAME)
+    model_pt = bundle / "models" / "model.pt"
+    initial = (_sha256(model_pt), model_pt.stat().st_mtime_ns)
+    times = {}
+
+    t0 = time.monotonic()
+    server = Server(app, studies_dir, tmp_path / "server.log")
+    ok = False
+    try:
+        # --- the model is listed, as segmentation, with the kidney label
+        info = server.wait_ready(START_TIMEOUT)
+        times["server start"] = time.monotonic() - t0
+        model = info["models"][BUNDLE_NAME]
+        assert model["type"] == "segmentation", model
+        assert "kidney" in model["labels"], model["labels"]
+        assert BUNDLE_NAME in info["trainers"], sorted(info["trainers"])
+
+        # --- inference on an unannotated study: a label of the input's grid, values in {0, 1}
+        t = time.monotonic()
+        label_file = _infer(server, unlabeled[0], tmp_path / "infer_1.nii.gz")
+        times["infer"] = time.monotonic() - t
+        _check_label(label_file, studies_dir / f"{unlabeled[0]}.nii.gz")
+
+        # --- one epoch of CPCL training: labeled = annotated studies, unlabeled stream = the other studies
+        request = {"max_epochs": 1, "device": "cpu", "val_split": 0, "multi_gpu": False, "tracking": "None"}
+        options = info["trainers"][BUNDLE_NAME].get("config", {})
+        if "iterations_per_epoch" in options:  # MONAI Label sends every displayable option: so must we
+            request.update({k: options[k] for k in _displayable(bundle)}, iterations_per_epoch=SHORT_EPOCH)
+        t = time.monotonic()
+        status, body = _request(
+            f"{server.url}/train/{BUNDLE_NAME}?run_sync=true", data=json.dumps(request).encode(),
+            headers={"Content-Type": "application/json"}, timeout=TRAIN_TIMEOUT,
+        )
+        times["train (1 epoch)"] = time.monotonic() - t
+        assert status == 200, body
+        log = server.text()
+        assert "Training Finished" in log
+        if "iterations_per_epoch" in request:
+            assert f"[{SHORT_EPOCH}/{SHORT_EPOCH}]" in log, "the iterations_per_epoch train option was not applied"
+        assert "Engine run finished" in log or "Epoch[1] Complete" in log
+        after = (_sha256(model_pt), model_pt.stat().st_mtime_ns)
+        assert after[0] != initial[0] and after[1] != initial[1], "training did not rewrite models/model.pt"
+
+        # the labeled stream is exactly the annotated studies (MONAI Label's train#dataset#data override) ...
+        override = _logged_override(log, "train#dataset#data")
+        for case in labeled:
+            assert str(studies_dir / f"{case}.nii.gz") in override, override
+        for case in unlabeled:
+            assert str(studies_dir / f"{case}.nii.gz") not in override, override
+        # ... and the unlabeled stream is the studies without a label (cpcl_bundle.data.sibling_images):
+        # the run's two CacheDatasets (no validation one: val_split 0) report their sizes
+        sizes = [int(n) for n in _cache_sizes(log)]
+        assert sorted(sizes) == sorted([len(labeled), len(unlabeled)]), f"CacheDataset sizes in the log: {sizes}"
+
+        # --- the new weights are picked up by inference and load without key mismatches
+        t = time.monotonic()
+        _check_label(_infer(server, unlabeled[0], tmp_path / "infer_2.nii.gz"), studies_dir / f"{unlabeled[0]}.nii.gz")
+        times["infer after training"] = time.monotonic() - t
+        log = server.text()
+        assert "Reload model from cache" in log
+        assert "Checkpoint keys don't match" not in log
+        ok = True
+    finally:
+        server.stop()
+        print("MONAI Label timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
+        if not ok:
+            print(f"---- MONAI Label server log (tail of {server.log}) ----\n{server.tail()}")
+
+
+def _displayable(bundle: Path) -> list[str]:
+    """Ids of the train config's ``displayable_configs`` (MONAI Label reads ``request[id]`` for each of them)."""
+    return list(json.loads((bundle / "configs" / "train.json").read_text()).get("displayable_configs", {}))
+
+
+def _logged_override(log: str, key: str) -> str:
+    """The value of ``key`` in the input summary that ``monai.bundle.run`` logs (``> key: value``, may span lines)."""
+    m = re.search(rf"> {re.escape(key)}: (.*?)(?=\n\S|\Z)", log, flags=re.S)
+    assert m, f"no '> {key}:' in the server log"
+    return m.group(1)
+
+
+def _cache_sizes(log: str) -> list[str]:
+    """Totals of MONAI CacheDataset progress bars ("Loading dataset: 100%|...| n/n"), in order."""
+    return [m.group(1) for m in re.finditer(r"Loading dataset: 100%\|[^|\r\n]*\| (\d+)/\1 ", log)]
