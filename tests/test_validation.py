@@ -1,0 +1,119 @@
+# Copyright (c) MONAI Consortium
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Pre-flight checks: every kind of broken input gives one line naming the case and the cause."""
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from cpcl_bundle.networks import unet3d
+from cpcl_bundle.validation import InputError, check_case, check_checkpoint, check_writable, preflight
+from tests.helpers import TINY_FEATURES
+
+AFFINE = np.diag([0.8, 0.8, 3.0, 1.0])
+
+
+def _nii(path, array, affine=AFFINE):
+    nib.save(nib.Nifti1Image(array, affine), path)
+    return str(path)
+
+
+@pytest.fixture
+def good(tmp_path):
+    image = np.random.default_rng(0).normal(0, 50, (20, 18, 8)).astype(np.int16)
+    label = np.zeros((20, 18, 8), np.uint8)
+    label[5:10, 5:10, 2:5] = 1
+    return {"image": _nii(tmp_path / "img.nii.gz", image), "label": _nii(tmp_path / "lab.nii.gz", label)}
+
+
+def test_a_good_case_has_no_problem(good):
+    assert check_case(good) == []
+
+
+def test_label_without_foreground_is_allowed(good, tmp_path):
+    empty = _nii(tmp_path / "empty.nii.gz", np.zeros((20, 18, 8), np.uint8))
+    assert check_case({**good, "label": empty}) == []
+
+
+@pytest.mark.parametrize(
+    "breakage,cause",
+    [
+        ("missing_image", "image file does not exist"),
+        ("missing_label", "label file does not exist"),
+        ("truncated", "unreadable image"),
+        ("label_values", "label values [3] outside the classes 0..1"),
+        ("shape", "differs from image shape"),
+        ("affine", "label affine differs"),
+        ("nan", "NaN/Inf voxels"),
+        ("four_d", "the model takes 1"),
+    ],
+)
+def test_each_breakage_names_the_file_and_the_cause(good, tmp_path, breakage, cause):
+    item = dict(good)
+    if breakage == "missing_image":
+        item["image"] = str(tmp_path / "nope.nii.gz")
+    elif breakage == "missing_label":
+        item["label"] = str(tmp_path / "nope_label.nii.gz")
+    elif breakage == "truncated":
+        data = open(good["image"], "rb").read()
+        item["image"] = str(tmp_path / "truncated.nii.gz")
+        open(item["image"], "wb").write(data[: len(data) // 2])
+    elif breakage == "label_values":
+        lab = np.asarray(nib.load(good["label"]).dataobj).copy()
+        lab[0, 0, 0] = 3
+        item["label"] = _nii(tmp_path / "bad_values.nii.gz", lab)
+    elif breakage == "shape":
+        item["label"] = _nii(tmp_path / "small.nii.gz", np.zeros((10, 18, 8), np.uint8))
+    elif breakage == "affine":
+        item["label"] = _nii(tmp_path / "moved.nii.gz", np.asarray(nib.load(good["label"]).dataobj), AFFINE * 2)
+    elif breakage == "nan":
+        img = np.asarray(nib.load(good["image"]).dataobj).astype(np.float32)
+        img[1, 2, 3] = np.nan
+        item["image"] = _nii(tmp_path / "nan.nii.gz", img)
+    elif breakage == "four_d":
+        img = np.asarray(nib.load(good["image"]).dataobj)
+        item["image"] = _nii(tmp_path / "four_d.nii.gz", np.stack([img, img], -1))
+    (problem,) = check_case(item)
+    assert cause in problem
+    named = item["label"] if breakage in ("missing_label", "label_values", "shape", "affine") else item["image"]
+    assert problem.startswith(named + ":")
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    (problem,) = check_writable(blocker / "out")
+    assert "cannot be written" in problem and str(blocker / "out") in problem
+    assert check_writable(tmp_path / "fine") == []
+
+
+def test_preflight_collects_every_problem(good, tmp_path):
+    bad = {"image": str(tmp_path / "missing.nii.gz"), "label": good["label"]}
+    with pytest.raises(InputError) as e:
+        preflight([good, bad], [], [good], output_dirs=[tmp_path / "out"], needs_unlabeled=True)
+    assert len(e.value.problems) == 2
+    assert "needs unlabeled images" in str(e.value) and "missing.nii.gz: image file does not exist" in str(e.value)
+    preflight([good], [{"image": good["image"]}], [], output_dirs=[tmp_path / "out"], needs_unlabeled=True)
+
+
+def test_checkpoint_from_another_network_is_named(tmp_path):
+    net = unet3d(features=TINY_FEATURES)
+    path = tmp_path / "model.pt"
+    torch.save(unet3d(features=(8, 8, 16, 16, 32, 8)).state_dict(), path)
+    with pytest.raises(InputError, match="checkpoint is from a different network"):
+        check_checkpoint(path, net)
+    torch.save(net.state_dict(), path)
+    check_checkpoint(path, net)
+    with pytest.raises(InputError, match="does not exist"):
+        check_checkpoint(tmp_path / "none.pt", net)
