@@ -54,7 +54,18 @@ from cpcl_bundle.networks import FeatureTap
 
 __all__ = ["CPCLTrainer", "TERM_KEYS", "loss_terms", "paper_optimizer", "poly_lr_handler"]
 
-TERM_KEYS = ("loss", "loss_sup", "loss_fpc", "loss_bpc", "loss_mt", "lambda", "lr", "skipped_fpc", "skipped_bpc")
+TERM_KEYS = (
+    "loss",
+    "loss_sup",
+    "loss_fpc",
+    "loss_bpc",
+    "loss_mt",
+    "lambda",
+    "lr",
+    "skipped_fpc",
+    "skipped_bpc",
+    "skipped_nonfinite",
+)
 """Scalars every iteration puts in ``engine.state.output`` (absent terms are 0)."""
 
 
@@ -76,6 +87,18 @@ def poly_lr_handler(optimizer: torch.optim.Optimizer, total_steps: int, power: f
     """Poly decay ``lr_t = lr_0 (1 - t / T)^0.9`` stepped every iteration, as MONAI's ``LrScheduleHandler``."""
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=int(total_steps), power=power)
     return LrScheduleHandler(scheduler, print_lr=False, epoch_level=False)
+
+
+def _case_files(*batches: Any) -> list[str]:
+    """File names of the images of collated batches (from MetaTensor meta data), for messages."""
+    names: list[str] = []
+    for batch in batches:
+        image = batch.get(Keys.IMAGE) if isinstance(batch, dict) else None
+        files = getattr(image, "meta", {}).get("filename_or_obj") if image is not None else None
+        if files is None:
+            continue
+        names += [str(f) for f in (files if isinstance(files, (list, tuple)) else [files])]
+    return names
 
 
 class CPCLTrainer(Trainer):
@@ -112,6 +135,9 @@ class CPCLTrainer(Trainer):
         noise_std, noise_clip: teacher input noise ``clamp(N(0, std^2), -clip, clip)`` for the MT term.
         max_iterations: stop after this many iterations even if ``max_epochs`` allows more (the run is
             ``min(max_iterations, max_epochs * epoch_length)`` steps; ramp-up and LR follow that length).
+        max_nonfinite_steps: a step whose loss or gradients are not finite never updates the weights (it is
+            logged with the case files of its batches); after this many such steps in a row the run stops
+            with an error. The weights, and so every checkpoint, stay those of the last finite step.
     """
 
     def __init__(
@@ -157,6 +183,7 @@ class CPCLTrainer(Trainer):
         noise_std: float = 0.1,
         noise_clip: float = 0.2,
         max_iterations: int | None = None,
+        max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__(
             device=device,
@@ -195,6 +222,8 @@ class CPCLTrainer(Trainer):
         self.noise_std, self.noise_clip = float(noise_std), float(noise_clip)
         self.skipped = {"fpc": 0, "bpc": 0}
         self.record_maps = False  # set by a handler (e.g. PrototypeMapHandler) for the steps it displays
+        self.max_nonfinite_steps = int(max_nonfinite_steps)
+        self.nonfinite = {"total": 0, "streak": 0}
         self.max_iterations = None if max_iterations is None else int(max_iterations)
         if self.max_iterations is not None:
             if self.max_iterations < 1:
@@ -294,7 +323,8 @@ class CPCLTrainer(Trainer):
         x_l, y_l, args, kwargs = engine._prepare(batchdata)
         if y_l is None:
             raise ValueError("the labeled batch has no 'label': CPCLTrainer's train_data_loader must yield labels")
-        x_u = engine._prepare(next(engine.unlabeled_stream))[0] if method.needs_unlabeled else None
+        unlabeled_batch = next(engine.unlabeled_stream) if method.needs_unlabeled else None
+        x_u = engine._prepare(unlabeled_batch)[0] if unlabeled_batch is not None else None
         engine.state.output = {Keys.IMAGE: x_l, Keys.LABEL: y_l, "lr": float(engine.optimizer.param_groups[0]["lr"])}
         tap = method.needs_prototypes
         b_l = x_l.shape[0]
@@ -320,17 +350,49 @@ class CPCLTrainer(Trainer):
         engine.state.output.update(terms)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
+        finite = bool(torch.isfinite(loss.detach()))
         if engine.amp and engine.scaler is not None:
-            engine.scaler.scale(loss).backward()
+            if finite:
+                engine.scaler.scale(loss).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
+            if finite:  # GradScaler itself skips steps with non-finite gradients
+                engine.scaler.step(engine.optimizer)
+                engine.scaler.update()
         else:
-            loss.backward()
+            if finite:
+                loss.backward()
+                finite = engine._gradients_finite()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
+            if finite:
+                engine.optimizer.step()
+        engine._count_nonfinite(finite, batchdata, unlabeled_batch)
+        engine.state.output["skipped_nonfinite"] = engine.nonfinite["total"]
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+    def _gradients_finite(self) -> bool:
+        norms = [p.grad.detach().abs().max() for p in self.network.parameters() if p.grad is not None]
+        return not norms or bool(torch.isfinite(torch.stack(norms)).all())
+
+    def _count_nonfinite(self, finite: bool, *batches: Any) -> None:
+        """Numerical guard: log a skipped step with its cases; stop after ``max_nonfinite_steps`` in a row."""
+        if finite:
+            self.nonfinite["streak"] = 0
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite["total"] += 1
+        self.nonfinite["streak"] += 1
+        cases = _case_files(*batches)
+        self.logger.warning(
+            f"iteration {self.state.iteration}: non-finite loss or gradients, step skipped (weights unchanged); "
+            f"cases: {cases}"
+        )
+        if self.nonfinite["streak"] >= self.max_nonfinite_steps:
+            raise RuntimeError(
+                f"training stopped at iteration {self.state.iteration}: {self.nonfinite['streak']} steps in a row "
+                f"had a non-finite loss or gradients (last cases: {cases}). The weights are those of the last "
+                "finite step. Check these inputs (NaN/Inf voxels, extreme values) or lower the learning rate."
+            )
 
     @torch.no_grad()
     def _record_maps(self, x_l, y_l, logits_l, x_u, logits_t, feats, b_l, feats_u) -> None:

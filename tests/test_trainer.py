@@ -170,3 +170,25 @@ def test_max_iterations_stops_the_run_after_the_epochs_handlers(tiny_net, max_it
     trainer.run()
     assert trainer.state.iteration == max_iterations and len(completed) == epochs_completed
     assert trainer.total_iterations == max_iterations
+
+
+def test_non_finite_steps_never_touch_the_weights_and_stop_the_run(tiny_net):
+    calls = {"n": 0}
+
+    def flaky_loss(pred, target):
+        calls["n"] += 1
+        loss = supervised_loss()(pred, target)
+        return loss * float("nan") if calls["n"] >= 2 else loss  # finite once, then NaN forever
+
+    trainer = make_trainer(tiny_net, "cpcl", max_epochs=10, loss_function=flaky_loss, max_nonfinite_steps=3)
+    after_first = {}
+
+    @trainer.on(Events.ITERATION_COMPLETED(once=1))
+    def keep(_):
+        after_first.update({k: v.clone() for k, v in tiny_net.state_dict().items()})
+
+    with pytest.raises(RuntimeError, match="3 steps in a row had a non-finite loss"):
+        trainer.run()
+    assert trainer.state.iteration == 4  # 1 finite step, then 3 skipped ones
+    assert all(torch.equal(after_first[k], v) for k, v in tiny_net.state_dict().items())
+    assert all(torch.isfinite(p).all() for p in trainer.teacher.parameters())
