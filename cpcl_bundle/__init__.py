@@ -19,6 +19,6 @@ BUNDLE_NAME = "cpcl_kidney_ct_segmentation"
 """The bundle's name (zoo folder and zip name, MONAI Label model name). "segmentation" in it makes MONAI Label
 treat it as a segmentation model; a bundle name must not contain "_v" (the zoo splits versions on it)."""
 
-from cpcl_bundle import data, evaluation, handlers, losses, methods, networks, prototypes, trainer, transforms, validation  # noqa: E402
+from cpcl_bundle import data, evaluation, handlers, losses, methods, networks, prototypes, resume, trainer, transforms, validation  # noqa: E402
 
-__all__ = ["BUNDLE_NAME", "__version__", "data", "evaluation", "handlers", "losses", "methods", "networks", "prototypes", "trainer", "transforms", "validation"]
+__all__ = ["BUNDLE_NAME", "__version__", "data", "evaluation", "handlers", "losses", "methods", "networks", "prototypes", "resume", "trainer", "transforms", "validation"]

@@ -1,0 +1,239 @@
+# Copyright (c) MONAI Consortium
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Exact resume: every piece of state a training run depends on, saved atomically and restored.
+
+A run's future depends on the weights (student and teacher), the optimizer and LR scheduler, the engine's
+iteration/epoch, where each data stream stands in its shuffled pass, and every random number generator
+(torch, numpy, python, and the private generator of each random MONAI transform). :class:`ResumeCheckpoint`
+saves all of them every ``interval`` iterations with Ignite's ``Checkpoint`` through an atomic ``DiskSaver``
+(temporary file + rename: a kill never leaves a truncated file) and, with ``resume=True``, loads the latest
+before the run starts. Exactness needs the data streams to be driven by :class:`ResumableSampler` and data
+loading in the main process (``num_workers=0``, the default here): worker processes prefetch batches, so
+their position cannot be known exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from collections.abc import Iterable, Iterator, Sized
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
+from monai.transforms import Randomizable
+from torch.utils.data import Sampler
+
+__all__ = ["ResumableSampler", "TrainingRNG", "ResumeCheckpoint", "latest_checkpoint"]
+
+PREFIX = "resume"
+_PATTERN = re.compile(rf"{PREFIX}_checkpoint_(\d+)\.pt$")
+
+
+class ResumableSampler(Sampler[int]):
+    """Seeded shuffling sampler whose position in the current pass can be saved and restored.
+
+    Pass ``p`` visits the indices in ``randperm(n)`` of a generator seeded with ``seed + p``; the state is
+    (pass, indices already given out), so a restored sampler continues mid-pass exactly where it stood.
+    """
+
+    def __init__(self, data_source: Sized, shuffle: bool = True, seed: int = 0) -> None:
+        self.n = len(data_source)
+        self.shuffle, self.seed = bool(shuffle), int(seed)
+        self.next_pass = 0  # index of the pass the next fresh iterator starts
+        self.current = -1  # pass being given out
+        self.position = 0  # indices of the current pass given out so far
+        self._pending: tuple[int, int] | None = None
+
+    def _order(self, p: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + p)).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        if self._pending is not None and self._pending[1] < self.n:
+            p, start = self._pending
+        else:
+            p, start = self.next_pass, 0
+            self.next_pass += 1
+        self._pending = None
+        self.current, self.position = p, start
+        for index in self._order(p)[start:]:
+            self.position += 1
+            yield index
+
+    def __len__(self) -> int:
+        return self.n
+
+    def state_dict(self) -> dict[str, int]:
+        return {"next_pass": self.next_pass, "current": self.current, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.next_pass, self.current, self.position = (int(state[k]) for k in ("next_pass", "current", "position"))
+        self._pending = (self.current, self.position) if self.current >= 0 else None
+
+
+def _randomizables(roots: Iterable[Any], depth: int = 3) -> list[Randomizable]:
+    """Every random MONAI transform reachable from ``roots`` (Compose lists and their members' attributes),
+    in a fixed order, each once."""
+    found: list[Randomizable] = []
+    seen: set[int] = set()
+
+    def visit(obj: Any, level: int) -> None:
+        if obj is None or id(obj) in seen or level > depth:
+            return
+        if isinstance(obj, (list, tuple)):
+            for item in obj:
+                visit(item, level)
+            return
+        if not hasattr(obj, "__dict__") or isinstance(obj, (torch.Tensor, np.ndarray)):
+            return
+        seen.add(id(obj))
+        if isinstance(obj, Randomizable):
+            found.append(obj)
+        for value in vars(obj).values():
+            if isinstance(value, (list, tuple)) or hasattr(value, "__dict__"):
+                visit(value, level + 1)
+
+    for root in roots:
+        visit(root, 0)
+    return found
+
+
+def _numpy_state(state: tuple) -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = state
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _numpy_tuple(state: dict[str, Any]) -> tuple:
+    return (state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["cached"])
+
+
+class TrainingRNG:
+    """Every random source of a run as one checkpointable object (``state_dict`` / ``load_state_dict``).
+
+    Args:
+        transforms: Compose objects (or lists) whose random transforms' private generators are saved.
+        samplers: samplers with ``state_dict`` (e.g. :class:`ResumableSampler`); others are ignored.
+    """
+
+    def __init__(self, transforms: Iterable[Any] = (), samplers: Iterable[Any] = ()) -> None:
+        self.transforms = _randomizables(transforms)
+        self.samplers = [s for s in samplers if hasattr(s, "state_dict") and hasattr(s, "load_state_dict")]
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = random.getstate()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": _numpy_state(np.random.get_state()),
+            "python": {"version": version, "internal": list(internal), "gauss": gauss},
+            "transforms": [_numpy_state(t.R.get_state()) for t in self.transforms],
+            "samplers": [s.state_dict() for s in self.samplers],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["transforms"]) != len(self.transforms) or len(state["samplers"]) != len(self.samplers):
+            raise ValueError(
+                f"the checkpoint's random state has {len(state['transforms'])} transforms and "
+                f"{len(state['samplers'])} samplers, this run {len(self.transforms)} and {len(self.samplers)}: "
+                "resume with the same configuration"
+            )
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        np.random.set_state(_numpy_tuple(state["numpy"]))
+        python = state["python"]
+        random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
+        for transform, s in zip(self.transforms, state["transforms"]):
+            transform.R.set_state(_numpy_tuple(s))
+        for sampler, s in zip(self.samplers, state["samplers"]):
+            sampler.load_state_dict(s)
+
+
+def latest_checkpoint(save_dir: str | os.PathLike) -> Path | None:
+    """The resume checkpoint of the highest iteration in ``save_dir`` (``None`` if there is none)."""
+    folder = Path(save_dir)
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _PATTERN.match(p.name))]
+    return max(found)[1] if found else None
+
+
+class ResumeCheckpoint:
+    """Saves the whole training state every ``interval`` iterations and, with ``resume``, restores the latest.
+
+    Saved: the trainer's network (``model``), its teacher, the engine state (``trainer``) and ``objects``
+    (optimizer, LR scheduler, :class:`TrainingRNG`, ...). Files: ``<save_dir>/resume_checkpoint_<iteration>.pt``,
+    the last ``n_saved`` kept; written atomically. A handler, not config wiring, because the trainer it saves
+    is the engine it is attached to (a config cannot refer to the trainer from the trainer's own handlers).
+
+    Args:
+        save_dir: folder of the checkpoints.
+        interval: iterations between two saves (also saved when the run completes).
+        objects: further objects with ``state_dict``/``load_state_dict``.
+        resume: load the latest checkpoint of ``save_dir`` (if any) when the run starts.
+        n_saved: checkpoints kept.
+    """
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike,
+        interval: int = 50,
+        objects: dict[str, Any] | None = None,
+        resume: bool = False,
+        n_saved: int = 1,
+    ) -> None:
+        if interval < 1:
+            raise ValueError(f"interval must be at least 1, got {interval}")
+        self.save_dir, self.interval, self.resume, self.n_saved = Path(save_dir), int(interval), bool(resume), n_saved
+        self.objects = dict(objects or {})
+        self.loaded_from: Path | None = None
+
+    def _to_save(self, engine: Engine) -> dict[str, Any]:
+        to_save = {"model": engine.network, "trainer": engine, **self.objects}
+        if getattr(engine, "teacher", None) is not None:
+            to_save["teacher"] = engine.teacher
+        return to_save
+
+    def attach(self, engine: Engine) -> None:
+        to_save = self._to_save(engine)
+        saver = Checkpoint(
+            to_save,
+            DiskSaver(str(self.save_dir), require_empty=False, atomic=True, create_dir=True),
+            filename_prefix=PREFIX,
+            n_saved=self.n_saved,
+            global_step_transform=lambda e, _: e.state.iteration,
+        )
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), saver)
+        engine.add_event_handler(Events.COMPLETED, saver)
+        if self.resume:
+            engine.add_event_handler(Events.STARTED, self._load, to_save)
+
+    def _load(self, engine: Engine, to_save: dict[str, Any]) -> None:
+        path = latest_checkpoint(self.save_dir)
+        if path is None:
+            engine.logger.info(f"resume: no checkpoint in {self.save_dir}, starting from scratch")
+            return
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        missing = sorted(set(to_save) - set(checkpoint))
+        if missing:
+            raise ValueError(f"{path}: resume checkpoint lacks {missing}: written by another configuration")
+        max_epochs = engine.state.max_epochs
+        Checkpoint.load_objects(to_load=to_save, checkpoint=checkpoint)
+        engine.state.max_epochs = max_epochs  # the run's own length wins over the checkpoint's
+        self.loaded_from = path
+        engine.logger.info(f"resumed from {path} at iteration {engine.state.iteration}, epoch {engine.state.epoch}")

@@ -1,0 +1,121 @@
+# Copyright (c) MONAI Consortium
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Exact resume after SIGKILL, and determinism: the same seed gives the same weights and metrics."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cpcl_bundle.resume import ResumableSampler, TrainingRNG, latest_checkpoint
+from tests.test_bundle import LOGGING, META, ROOT, TRAIN
+
+STEPS = 6
+
+
+def _cmd(dataset, out, *extra):
+    return [
+        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN,
+        "--meta_file", META, "--logging_file", LOGGING, "--bundle_root", str(ROOT),
+        "--dataset_dir", str(dataset), "--output_dir", str(out), "--ckpt_dir", str(out / "models"),
+        "--max_iterations", str(STEPS), "--iterations_per_epoch", "2", "--val_interval", "1",
+        "--checkpoint_interval", "1", "--method", "mt_cpcl", "--labeled_ratio", "0.34",
+        "--patch_size", "[32,32,32]", "--sw_roi_size", "[32,32,32]", "--cache_workers", "1", *extra,
+    ]
+
+
+def _run(cmd):
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _state(out):
+    return torch.load(out / "models" / f"resume_checkpoint_{STEPS}.pt", map_location="cpu", weights_only=True)
+
+
+def _val_dice(log):
+    return [float(v) for v in re.findall(r"val_mean_dice: ([0-9.]+)", log)]
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_equals_the_straight_run_and_runs_are_deterministic(tiny_dataset, tmp_path):
+    straight, again, killed = tmp_path / "straight", tmp_path / "again", tmp_path / "killed"
+    log_a = _run(_cmd(tiny_dataset, straight))
+    log_b = _run(_cmd(tiny_dataset, again))
+
+    # determinism: same seed, same data, CPU -> the same checkpoint and the same metrics
+    a, b = _state(straight), _state(again)
+    for part in ("model", "teacher", "optimizer"):
+        assert json.dumps(str(a[part].keys())) == json.dumps(str(b[part].keys()))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert _val_dice(log_a) == _val_dice(log_b) and len(_val_dice(log_a)) == STEPS // 2
+
+    # SIGKILL half-way, then resume with one setting
+    proc = subprocess.Popen(_cmd(tiny_dataset, killed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        found = latest_checkpoint(killed / "models")
+        if found is not None and int(found.stem.rsplit("_", 1)[1]) >= STEPS // 2:
+            break
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = int(latest_checkpoint(killed / "models").stem.rsplit("_", 1)[1])
+    assert killed_at < STEPS
+    torch.load(latest_checkpoint(killed / "models"), weights_only=True)  # never a truncated file
+    log_c = _run(_cmd(tiny_dataset, killed, "--resume", "true"))
+    assert "resumed from" in log_c and f"at iteration {killed_at}" in log_c
+    c = _state(killed)
+    for part in ("model", "teacher"):
+        assert all(torch.equal(a[part][k], c[part][k]) for k in a[part]), part
+    assert c["trainer"]["iteration"] == STEPS
+    final_a = torch.load(straight / "models" / "model.pt", weights_only=True)
+    final_c = torch.load(killed / "models" / "model.pt", weights_only=True)
+    assert all(torch.equal(final_a[k], final_c[k]) for k in final_a)
+
+
+def test_resumable_sampler_continues_mid_pass():
+    sampler = ResumableSampler(range(7), seed=3)
+    it = iter(sampler)
+    first = [next(it) for _ in range(4)]
+    state = sampler.state_dict()
+    rest = list(it) + list(iter(sampler))[:3]
+    restored = ResumableSampler(range(7), seed=3)
+    restored.load_state_dict(state)
+    assert list(iter(restored)) + list(iter(restored))[:3] == rest
+    assert sorted(first + rest[:3]) == list(range(7))
+
+
+def test_training_rng_restores_every_generator():
+    from monai.transforms import Compose, RandFlipd, RandSpatialCropd
+
+    compose = Compose([RandSpatialCropd("image", roi_size=(2, 2, 2), random_size=False), RandFlipd("image", prob=0.5)])
+    rng = TrainingRNG([compose], [ResumableSampler(range(5))])
+    assert len(rng.transforms) >= 2
+    state = rng.state_dict()
+
+    def draw():
+        return (torch.rand(3).tolist(), [float(t.R.rand()) for t in rng.transforms], __import__("numpy").random.rand())
+
+    first = draw()
+    rng.load_state_dict(state)
+    assert draw() == first
+    with pytest.raises(ValueError, match="same configuration"):
+        TrainingRNG([], []).load_state_dict(state)
