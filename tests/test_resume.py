@@ -45,7 +45,7 @@ def _run(cmd):
 
 
 def _state(out):
-    return torch.load(out / "models" / f"resume_checkpoint_{STEPS}.pt", map_location="cpu", weights_only=True)
+    return torch.load(out / "checkpoints" / f"resume_checkpoint_{STEPS}.pt", map_location="cpu", weights_only=True)
 
 
 def _val_dice(log):
@@ -70,16 +70,16 @@ def test_killed_and_resumed_run_equals_the_straight_run_and_runs_are_determinist
                             start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline:
-        found = latest_checkpoint(killed / "models")
+        found = latest_checkpoint(killed / "checkpoints")
         if found is not None and int(found.stem.rsplit("_", 1)[1]) >= STEPS // 2:
             break
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = int(latest_checkpoint(killed / "models").stem.rsplit("_", 1)[1])
+    killed_at = int(latest_checkpoint(killed / "checkpoints").stem.rsplit("_", 1)[1])
     assert killed_at < STEPS
-    torch.load(latest_checkpoint(killed / "models"), weights_only=True)  # never a truncated file
+    torch.load(latest_checkpoint(killed / "checkpoints"), weights_only=True)  # never a truncated file
     log_c = _run(_cmd(tiny_dataset, killed, "--resume", "true"))
     assert "resumed from" in log_c and f"at iteration {killed_at}" in log_c
     c = _state(killed)
