@@ -50,6 +50,9 @@ def test_metadata_is_one_file_and_names_installed_versions():
     assert (ROOT / "metadata.json").resolve() == Path(META).resolve()
     meta = json.loads(Path(META).read_text())
     assert meta["version"] in meta["changelog"]
+    import cpcl_bundle
+
+    assert meta["version"] == cpcl_bundle.__version__
     assert meta["monai_version"] == importlib.metadata.version("monai")
     assert meta["pytorch_version"] == importlib.metadata.version("torch").split("+")[0]
     assert meta["numpy_version"] == importlib.metadata.version("numpy")
