@@ -49,7 +49,7 @@ def _state(out):
 
 
 def _val_dice(log):
-    return [float(v) for v in re.findall(r"val_mean_dice: ([0-9.]+)", log)]
+    return [float(v) for v in re.findall(r"Metrics -- val_mean_dice: ([0-9.]+)", log)]
 
 
 @pytest.mark.slow
