@@ -17,7 +17,9 @@ saves all of them every ``interval`` iterations with Ignite's ``Checkpoint`` thr
 (temporary file + rename: a kill never leaves a truncated file) and, with ``resume=True``, loads the latest
 before the run starts. Exactness needs the data streams to be driven by :class:`ResumableSampler` and data
 loading in the main process (``num_workers=0``, the default here): worker processes prefetch batches, so
-their position cannot be known exactly.
+their position cannot be known exactly. Each DataLoader also needs its own ``generator``: creating an iterator
+draws a seed from it, and from the global torch generator otherwise, which would shift every later random
+draw of a resumed run (whose iterators are created at other times than in an uninterrupted one).
 """
 
 from __future__ import annotations
