@@ -197,7 +197,7 @@ def semi_supervised_split(
             **split,
         }
         target = Path(output_dir) / "split.json"
-        tmp = target.with_suffix(".json.tmp")
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # one per process: ranks write at once
         tmp.write_text(json.dumps(record, indent=2))
         os.replace(tmp, target)
     return split
