@@ -96,7 +96,7 @@ def one_hot_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     if labels.ndim < 3:
         raise ValueError(f"labels must be [B, 1, *S] or [B, K, *S], got shape {tuple(labels.shape)}")
     labels = labels.as_tensor() if hasattr(labels, "as_tensor") else labels
-    if labels.shape[1] == num_classes and num_classes > 1 and labels.shape[1] != 1:
+    if labels.shape[1] == num_classes:  # already one-hot (num_classes >= 2, so never a 1-channel index map)
         return labels.float()
     if labels.shape[1] != 1:
         raise ValueError(

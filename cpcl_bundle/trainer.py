@@ -246,7 +246,6 @@ class CPCLTrainer(Trainer):
                 p.requires_grad_(False)
         if self.method.needs_prototypes:
             FeatureTap(network, feature_layer)  # fail now on an unknown layer name
-        self.unlabeled_data_loader = unlabeled_data_loader
         self.unlabeled_stream: CyclingLoader | None = None
         if self.method.needs_unlabeled:
             if unlabeled_data_loader is None:

@@ -12,7 +12,6 @@
 
 import importlib.metadata
 import json
-import os
 import shutil
 import subprocess
 import sys

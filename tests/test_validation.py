@@ -10,7 +10,6 @@
 # limitations under the License.
 """Pre-flight checks: every kind of broken input gives one line naming the case and the cause."""
 
-import gzip
 
 import nibabel as nib
 import numpy as np
