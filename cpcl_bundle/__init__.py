@@ -14,11 +14,11 @@ Xu et al., "All-Around Real Label Supervision: Cyclic Prototype Consistency Lear
 Medical Image Segmentation", IEEE JBHI 26(7), 2022.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 BUNDLE_NAME = "cpcl_kidney_ct_segmentation"
 """The bundle's name (zoo folder and zip name, MONAI Label model name). "segmentation" in it makes MONAI Label
 treat it as a segmentation model; a bundle name must not contain "_v" (the zoo splits versions on it)."""
 
-from cpcl_bundle import data, evaluation, handlers, losses, methods, networks, prototypes, resume, trainer, transforms, validation  # noqa: E402
+from cpcl_bundle import benchmark, data, evaluation, handlers, losses, methods, networks, plots, prototypes, resume, trainer, transforms, validation  # noqa: E402
 
-__all__ = ["BUNDLE_NAME", "__version__", "data", "evaluation", "handlers", "losses", "methods", "networks", "prototypes", "resume", "trainer", "transforms", "validation"]
+__all__ = ["BUNDLE_NAME", "__version__", "benchmark", "data", "evaluation", "handlers", "losses", "methods", "networks", "plots", "prototypes", "resume", "trainer", "transforms", "validation"]

@@ -107,7 +107,8 @@ class SegmentationMetricsWriter:
     prediction inverted to the input's original grid (``Invertd`` then ``AsDiscreted(argmax=True)``), reads
     the reference label from the file named in ``label_key``'s meta data (unchanged, as the file stores it)
     and computes :func:`case_metrics`. When the run completes it writes ``<output_dir>/<csv_name>`` (one row
-    per case) and ``<output_dir>/<summary_name>`` (mean, std per metric).
+    per case) and ``<output_dir>/<summary_name>`` (mean, std per metric). With ``save_dir``, each prediction
+    is also written there as ``<case>_seg.nii.gz`` (uint8, the reference label's grid and affine).
     """
 
     def __init__(
@@ -118,8 +119,10 @@ class SegmentationMetricsWriter:
         csv_name: str = "metrics.csv",
         summary_name: str = "metrics_summary.json",
         foreground: int = 1,
+        save_dir: str | os.PathLike | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.save_dir = None if save_dir is None else Path(save_dir)
         self.pred_key, self.label_key = pred_key, label_key
         self.csv_name, self.summary_name = csv_name, summary_name
         self.foreground = foreground
@@ -153,7 +156,18 @@ class SegmentationMetricsWriter:
             except ValueError as e:
                 raise ValueError(f"{path}: {e}") from e
             image_meta = getattr(item.get("image"), "meta", None) or {}
-            self.rows.append({"case": _case_id(image_meta.get("filename_or_obj") or path), **row})
+            case = _case_id(image_meta.get("filename_or_obj") or path)
+            self.rows.append({"case": case, **row})
+            if self.save_dir is not None:
+                self._save(case, pred, reference)
+
+    def _save(self, case: str, pred: Any, reference: Any) -> None:
+        import nibabel as nib
+
+        array = torch.as_tensor(pred).detach().cpu().squeeze().round().to(torch.uint8).numpy()
+        affine = np.asarray(getattr(reference, "affine", np.eye(4)), dtype=np.float64)
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(array, affine), str(self.save_dir / f"{case}_seg.nii.gz"))
 
     def _write(self, engine: Engine) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -10,32 +10,37 @@
 # limitations under the License.
 """The embedded default data set: deterministic CT-like abdominal phantoms with the kidneys as target.
 
-Each case is an arterial-phase abdominal CT in Hounsfield units (int16) with anisotropic voxels (0.7-0.9 mm
-in-plane, 2.5-5 mm slices) and a binary kidney label (both kidneys; cysts and the renal sinus included,
-the hilum opening not). Arrays are in RAS voxel order: axis 0 runs from the patient's left to right, axis 1
-from posterior to anterior, axis 2 from inferior to superior (the thick-slice axis); the affine is
-``diag(spacing)`` plus the position of the first voxel (mm, body-centred).
+Each case is a contrast-enhanced abdominal CT in Hounsfield units (int16) with anisotropic voxels (0.7-0.9 mm
+in-plane, 2.5-5 mm slices) and a binary kidney label (both kidneys with any tumour, as KiTS19's kidney-and-tumour
+foreground; cysts and the renal sinus included, the hilum opening not). Arrays are in RAS voxel order: axis 0
+runs from the patient's left to right, axis 1 from posterior to anterior, axis 2 from inferior to superior (the
+thick-slice axis); the affine is ``diag(spacing)`` plus the position of the first voxel (mm, body-centred).
 
 Design. Every structure is an implicit function evaluated with numpy on the voxel coordinates of its own
 bounding box: the body section (skin, subcutaneous fat, abdominal wall, back muscles) in 2-D, then bowel
 loops and colon with irregular gas pockets, liver, spleen, psoas, spine (cortex, marrow, discs, posterior
-arch), aorta, IVC, and the two kidneys (bean shape with bright cortex, darker medullary pyramids, sinus fat
-and pelvis at the medial-anterior hilum, a perirenal fat rim of varying thickness, renal artery and vein).
-Structures are painted in anatomical order into a tissue-index volume, so organs touch where they meet.
-All randomness (pose, size, tilt, smooth deformation, cysts, contrast timing, field of view; the noise last)
-comes from one generator seeded by the case's seed: a seed gives the same case on every run. Random smooth
-fields (deformations, organ surfaces, textures, bowel loops and gas) are random tensor products of cosines,
-three small tensor contractions per field. The volume is rendered at three sub-slices per slice and averaged
-(partial volume over the slab thickness), then blurred in-plane by a Gaussian point-spread function together
-with white noise, so the noise is spatially correlated and has exactly the sampled standard deviation. The
-label is the kidney sampled at the voxel centres of the output grid.
+arch), aorta, IVC, the two kidneys (bean shape with bright cortex, darker medullary pyramids, sinus fat
+and pelvis at the medial-anterior hilum, a perirenal fat rim of varying thickness, renal artery and vein) and
+a renal tumour. Structures are painted in anatomical order into a tissue-index volume, so organs touch where
+they meet. All randomness (pose, size, tilt, smooth deformation, cysts, tumour, contrast phase and timing,
+field of view; the noise last) comes from one generator seeded by the case's seed: a seed gives the same case
+on every run. Random smooth fields (deformations, organ surfaces, textures, bowel loops and gas) are random
+tensor products of cosines, three small tensor contractions per field. The volume is rendered at three
+sub-slices per slice and averaged (partial volume over the slab thickness), then blurred in-plane by a
+Gaussian point-spread function together with white noise, so the noise is spatially correlated and has
+exactly the sampled standard deviation. The label is the kidney sampled at the voxel centres of the output
+grid.
 
-What makes the task hard (phantom.md): spleen, aorta, IVC and renal vessels are as bright as or brighter
-than the medulla; liver and medulla overlap in HU; renal sinus fat (labeled) matches the
-perirenal fat (not labeled); the perirenal fat rim vanishes in places, so the kidneys touch liver, spleen,
-psoas and bowel; thick slices blur the poles; noise of 10-30 HU; pose, size, contrast timing and field of
-view vary per case, a kidney is sometimes small or partly out of the field of view, and cysts (near water,
-labeled kidney) appear in some kidneys.
+What makes the task hard (phantom.md), so that a few labeled cases do not cover it: three contrast phases
+(:data:`PHASES`: corticomedullary, where the cortex is the bright signal; nephrographic, where cortex and
+medulla are alike; early or poor enhancement, where the cortex is no brighter than the spleen); renal tumours
+in three cases of four (1.6-8 cm, exophytic or not, hyper- or hypo-enhancing, larger ones necrotic; labeled
+kidney, and as dark as muscle or bowel in some cases); one kidney absent in a few cases; spleen, aorta, IVC and
+renal vessels as bright as or brighter than the medulla; liver and medulla overlapping in HU; renal sinus fat
+(labeled) matching the perirenal fat (not labeled); the perirenal fat rim vanishing in places, so the kidneys
+touch liver, spleen, psoas and bowel; thick slices blurring the poles; noise of 10-30 HU; pose, size and field
+of view varying per case, a kidney sometimes small or partly out of the field of view, and cysts (near water,
+labeled kidney) in some kidneys.
 """
 
 from __future__ import annotations
@@ -106,6 +111,20 @@ class Tissue(enum.IntEnum):
     SINUS = 22
     PELVIS = 23
     CYST = 24
+    TUMOUR = 25
+    NECROSIS = 26
+
+
+PHASES = ("corticomedullary", "nephrographic", "early")
+"""Contrast phases of the phantoms: late-arterial with corticomedullary differentiation (as most of KiTS19),
+nephrographic (cortex and medulla alike) and early or poor enhancement (cortex no brighter than the spleen)."""
+PHASE_PROBABILITIES = (0.5, 0.3, 0.2)
+TUMOUR_PROBABILITY = 0.75
+"""Share of cases with a renal tumour (labeled kidney, as KiTS19's kidney-and-tumour foreground)."""
+ABSENT_KIDNEY_PROBABILITY = 0.06
+"""Share of cases after a nephrectomy (one kidney absent)."""
+GENERATOR_VERSION = 2
+"""Recorded in ``dataset.json``: data sets made by another version are reported, not silently reused."""
 
 
 T = Tissue
@@ -120,6 +139,7 @@ class Phantom:
     label: np.ndarray
     affine: np.ndarray
     tissue: np.ndarray
+    phase: str = PHASES[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -347,6 +367,19 @@ class _Kidney:
 
 
 @dataclass(frozen=True)
+class _Tumour:
+    """A renal mass: a lobulated ball centred near a kidney's surface (exophytic when outside), with an
+    irregular necrotic core when ``necrosis`` > 0 (the core's share of the radius)."""
+
+    center: np.ndarray
+    radius: float
+    lobes: _Field
+    lobe: float
+    necrosis: float
+    core: _Field
+
+
+@dataclass(frozen=True)
 class _Anatomy:
     body: _Body
     spine: _Spine
@@ -357,6 +390,11 @@ class _Anatomy:
     bowel: _Bowel
     kidneys: tuple[_Kidney, _Kidney]
     vessel_radius: tuple[float, float]  # renal artery, renal vein
+    present: tuple[bool, bool] = (True, True)  # False: that kidney was removed (nephrectomy)
+    tumour: _Tumour | None = None
+
+    def present_kidneys(self) -> list[_Kidney]:
+        return [k for k, here in zip(self.kidneys, self.present) if here]
 
 
 @dataclass(frozen=True)
@@ -368,6 +406,7 @@ class _Scan:
     texture: tuple[_Field, _Field]
     psf: float  # in-plane Gaussian sigma (voxels)
     noise: float  # HU standard deviation
+    phase: str  # one of PHASES
 
     def grid(self) -> _Grid:
         (nx, ny, nz), (s, _, dz) = self.shape, self.spacing
@@ -517,21 +556,52 @@ def _sample_anatomy(rng: np.random.Generator, sc: float) -> _Anatomy:
         gas_threshold=rng.uniform(1.2, 1.8),
         colons=colons,
     )
+    aorta = (spine.x - rng.uniform(6, 14) * sc, y_front + r_aorta + rng.uniform(1, 4) * sc, r_aorta)
+    ivc = (spine.x + rng.uniform(20, 28) * sc, y_front + rng.uniform(10, 16) * sc, rng.uniform(9, 12) * sc)
+    vessel_radius = (rng.uniform(2.5, 3.5) * sc, rng.uniform(4, 5.5) * sc)
+    present = [True, True]
+    if rng.random() < ABSENT_KIDNEY_PROBABILITY:
+        present[int(rng.integers(2))] = False
+    tumour = None
+    if rng.random() < TUMOUR_PROBABILITY:
+        candidates = [k for k, here in zip(kidneys, present) if here]
+        tumour = _sample_tumour(rng, sc, candidates[int(rng.integers(len(candidates)))])
     return _Anatomy(
         body=body,
         spine=spine,
-        aorta=(spine.x - rng.uniform(6, 14) * sc, y_front + r_aorta + rng.uniform(1, 4) * sc, r_aorta),
-        ivc=(spine.x + rng.uniform(20, 28) * sc, y_front + rng.uniform(10, 16) * sc, rng.uniform(9, 12) * sc),
+        aorta=aorta,
+        ivc=ivc,
         liver=liver,
         spleen=spleen,
         bowel=bowel,
         kidneys=kidneys,
-        vessel_radius=(rng.uniform(2.5, 3.5) * sc, rng.uniform(4, 5.5) * sc),
+        vessel_radius=vessel_radius,
+        present=(present[0], present[1]),
+        tumour=tumour,
     )
 
 
-def _sample_hu(rng: np.random.Generator, timing: float) -> np.ndarray:
-    """Per-case HU table [len(Tissue), 3]: mean, low-frequency and fine texture amplitudes (phantom.md)."""
+def _sample_tumour(rng: np.random.Generator, sc: float, kidney: _Kidney) -> _Tumour:
+    """A mass of 1.6-8 cm on ``kidney``: centred from just inside the parenchyma to beyond the surface,
+    never at the hilum; larger masses are more often necrotic."""
+    direction = _unit(rng.standard_normal(3) - np.array([0.0, 0.8, 0.0]))  # away from the hilum (+v)
+    radius = float(np.exp(rng.uniform(np.log(8.0), np.log(40.0)))) * sc
+    necrotic = radius > 18 * sc and rng.random() < 0.6
+    return _Tumour(
+        center=kidney.to_world(direction * rng.uniform(0.7, 1.15)),
+        radius=radius,
+        lobes=_random_field(rng, 1.2 * radius, terms=4),
+        lobe=rng.uniform(0.05, 0.2),
+        necrosis=rng.uniform(0.35, 0.7) if necrotic else 0.0,
+        core=_random_field(rng, 0.6 * radius, terms=4),
+    )
+
+
+def _sample_hu(rng: np.random.Generator, timing: float, phase: str) -> np.ndarray:
+    """Per-case HU table [len(Tissue), 3]: mean, low-frequency and fine texture amplitudes (phantom.md).
+
+    ``timing`` in [0, 1] places the scan within the corticomedullary phase; the other ``phase`` values
+    (:data:`PHASES`) then replace the enhancing tissues."""
     table = np.zeros((len(Tissue), 3), np.float32)
     fat = rng.uniform(-115, -85)
     aorta = 200 + 150 * np.clip(timing + rng.normal(0, 0.15), 0, 1)
@@ -561,7 +631,39 @@ def _sample_hu(rng: np.random.Generator, timing: float) -> np.ndarray:
         T.SINUS: (rng.uniform(-80, -20), 8, 25),
         T.PELVIS: (rng.uniform(0, 20), 0, 0),
         T.CYST: (rng.uniform(0, 20), 0, 0),
+        T.NECROSIS: (rng.uniform(5, 30), 4, 8),
     }
+    hyper = rng.random() < 0.6  # clear-cell-like (hyper-enhancing, heterogeneous), else papillary-like (hypo)
+    if phase == "nephrographic":
+        cortex = rng.uniform(140, 200)
+        aorta = rng.uniform(150, 220)
+        values |= {
+            T.AORTA: (aorta, 8, 0),
+            T.RENAL_ARTERY: (aorta, 0, 0),
+            T.IVC: (rng.uniform(120, 170), 10, 0),
+            T.RENAL_VEIN: (rng.uniform(130, 170), 0, 0),
+            T.LIVER: (rng.uniform(90, 120), 6, 4),
+            T.SPLEEN: (rng.uniform(110, 130), 6, 4),
+            T.CORTEX: (cortex, 6, 4),
+            T.MEDULLA: (cortex - rng.uniform(0, 25), 6, 4),
+        }
+        tumour = rng.uniform(80, 130) if hyper else rng.uniform(40, 75)
+    elif phase == "early":
+        aorta = rng.uniform(250, 400)
+        values |= {
+            T.AORTA: (aorta, 8, 0),
+            T.RENAL_ARTERY: (aorta, 0, 0),
+            T.IVC: (rng.uniform(40, 70), 10, 0),
+            T.RENAL_VEIN: (rng.uniform(80, 130), 0, 0),
+            T.LIVER: (rng.uniform(55, 65), 6, 4),
+            T.SPLEEN: (rng.uniform(80, 120), 12, 30),
+            T.CORTEX: (rng.uniform(95, 140), 8, 6),
+            T.MEDULLA: (rng.uniform(35, 55), 5, 4),
+        }
+        tumour = rng.uniform(70, 110) if hyper else rng.uniform(35, 60)
+    else:
+        tumour = rng.uniform(90, 170) if hyper else rng.uniform(35, 80)
+    values[T.TUMOUR] = (tumour, 15, rng.uniform(20, 35) if hyper else rng.uniform(8, 15))
     for tissue, row in values.items():
         table[tissue] = row
     return table
@@ -582,11 +684,13 @@ def _sample_scan(rng: np.random.Generator, sc: float, anatomy: _Anatomy) -> _Sca
     if rng.random() < 0.12:  # a pole out of the field of view
         z0 += rng.choice([-1, 1]) * rng.uniform(0.4, 0.8) * max(k.semi[0] for k in kidneys)
     timing = rng.uniform(0, 1)
+    phase = PHASES[int(rng.choice(len(PHASES), p=PHASE_PROBABILITIES))]
     return _Scan(
         spacing=np.array([s, s, dz]),
         shape=(nx, ny, nz),
         origin=np.array([_float32_exact(x0, 2), _float32_exact(y0, 2), _float32_exact(z0, 2)]),
-        hu=_sample_hu(rng, timing),
+        hu=_sample_hu(rng, timing, phase),
+        phase=phase,
         texture=(_random_field(rng, 40 * sc), _random_field(rng, 6.0, terms=7)),
         psf=rng.uniform(0.5, 0.8),
         noise=rng.uniform(10, 30),
@@ -803,6 +907,22 @@ def _kidney(grid: _Grid, k: _Kidney) -> _Part | None:
     return _Part(box.index, out, label)
 
 
+def _tumour(grid: _Grid, tumour: _Tumour) -> _Part | None:
+    """The renal mass: solid tumour tissue with an optional irregular necrotic core (all of it labeled)."""
+    reach = 1.4 * tumour.radius
+    box = grid.box(tumour.center - reach, tumour.center + reach)
+    if box is None:
+        return None
+    X, Y, Z = (c - c0 for c, c0 in zip(box.mesh(), tumour.center.tolist()))
+    rho = np.sqrt(X**2 + Y**2 + Z**2) / tumour.radius
+    out = np.full(box.shape, NONE, np.uint8)
+    out[rho + tumour.lobe * tumour.lobes(box.x, box.y, box.z) < 1.0] = T.TUMOUR
+    if tumour.necrosis > 0:
+        core = rho + 0.15 * tumour.core(box.x, box.y, box.z) < tumour.necrosis
+        out[core & (out == T.TUMOUR)] = T.NECROSIS
+    return _Part(box.index, out)
+
+
 def _renal_vessels(grid: _Grid, k: _Kidney, anatomy: _Anatomy) -> list[_Part | None]:
     """Renal artery from the aorta and renal vein to the IVC (the left vein passes in front of the aorta)."""
     hilum = k.to_world((0.0, 0.75, 0.0))
@@ -841,12 +961,17 @@ def _render_tissue(grid: _Grid, anatomy: _Anatomy) -> tuple[np.ndarray, np.ndarr
     _paint(tissue, _vertical_vessel(grid, *anatomy.aorta, T.AORTA), _ANYWHERE)
     _paint(tissue, _vertical_vessel(grid, *anatomy.ivc, T.IVC), _ANYWHERE)
     kidney = np.zeros(tissue.shape, bool)
-    for k in anatomy.kidneys:
+    for k in anatomy.present_kidneys():
         part = _kidney(grid, k)
         written = _paint(tissue, part, _RETROPERITONEUM)
         if part is not None and written is not None and part.label is not None:
             kidney[part.index] |= part.label & written
-    for k in anatomy.kidneys:
+    if anatomy.tumour is not None:
+        part = _tumour(grid, anatomy.tumour)
+        written = _paint(tissue, part, _RETROPERITONEUM)
+        if part is not None and written is not None:
+            kidney[part.index] |= written
+    for k in anatomy.present_kidneys():
         for vessel in _renal_vessels(grid, k, anatomy):
             _paint(tissue, vessel, _RETROPERITONEUM & _onto(T.CORTEX, T.MEDULLA, T.CYST, invert=True))
     return tissue, kidney
@@ -890,7 +1015,8 @@ def render_phantom(seed: int, *, scale: float = 1.0) -> Phantom:
     tissue, kidney = _render_tissue(grid, anatomy)
     image = _render_image(tissue, scan, grid, rng)
     centre = slice(SUB // 2, None, SUB)
-    return Phantom(image, kidney[:, :, centre].astype(np.uint8), scan.affine(), tissue[:, :, centre].copy())
+    label = kidney[:, :, centre].astype(np.uint8)
+    return Phantom(image, label, scan.affine(), tissue[:, :, centre].copy(), scan.phase)
 
 
 def generate_case(seed: int, *, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -943,7 +1069,7 @@ def generate_dataset(
     dataset_dir: str | os.PathLike,
     num_training: int = 40,
     num_validation: int = 4,
-    num_test: int = 10,
+    num_test: int = 20,
     num_unlabeled: int = 0,
     seed: int = 0,
     workers: int = 2,
@@ -965,7 +1091,7 @@ def generate_dataset(
     folder = Path(dataset_dir)
     datalist = folder / "dataset.json"
     counts = {"training": num_training, "validation": num_validation, "test": num_test, "unlabeled": num_unlabeled}
-    generator = {"seed": seed, **{f"num_{split}": n for split, n in counts.items()}, "options": options}
+    generator = {"version": GENERATOR_VERSION, "seed": seed, **{f"num_{split}": n for split, n in counts.items()}, "options": options}
     if datalist.is_file() and not overwrite:
         recorded = json.loads(datalist.read_text()).get("generator")
         if recorded is not None and recorded != json.loads(json.dumps(generator)):
@@ -1010,8 +1136,8 @@ def generate_dataset(
 
     content = {
         "name": "CPCL kidney phantoms",
-        "description": "Synthetic arterial-phase abdominal CT phantoms in HU (int16) with a kidney label, "
-        "made by cpcl_bundle.synthetic",
+        "description": "Synthetic contrast-enhanced abdominal CT phantoms in HU (int16) with a kidney label "
+        "(kidneys and renal tumours), made by cpcl_bundle.synthetic",
         "reference": "cpcl_bundle.synthetic (deterministic generator)",
         "licence": "Apache-2.0",
         "tensorImageSize": "3D",

@@ -397,7 +397,9 @@ class CPCLTrainer(Trainer):
     def _record_maps(self, x_l, y_l, logits_l, x_u, logits_t, feats, b_l, feats_u) -> None:
         """First image of each stream, on the CPU, in ``state.prototype_maps`` (Fig. 6 of the paper):
         inputs, label, student ``P_l``, teacher ``P_u`` and, for prototype methods, ``P_l2u`` and ``P_u2l``."""
+        self.state.prototype_maps = self._maps(x_l, y_l, logits_l, x_u, logits_t, feats, b_l, feats_u)
 
+    def _maps(self, x_l, y_l, logits_l, x_u, logits_t, feats, b_l, feats_u) -> dict[str, torch.Tensor | None]:
         def first(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[0].detach().float().cpu()
 
@@ -408,7 +410,26 @@ class CPCLTrainer(Trainer):
             if self.method.needs_prototypes:
                 preds = prototype_predictions(feats[:b_l].float(), y_l, feats_u.float(), probs_u, self.prototype_scale)
                 maps.update({k: first(v) for k, v in preds.items()})
-        self.state.prototype_maps = maps
+        return maps
+
+    @torch.no_grad()
+    def probe_maps(
+        self, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor | None]:
+        """The Fig. 6 maps of the current student and teacher on fixed volumes (channel-first, one case each,
+        e.g. kept from an earlier batch), so one slice can be followed through training. Side-effect free:
+        no weights, statistics or RNG streams change (the teacher's input noise is not applied)."""
+        device = self.state.device if self.state.device is not None else next(self.network.parameters()).device
+        x_l, y_l = x_l[None].to(device), y_l[None].to(device)
+        tap = self.method.needs_prototypes
+        logits_t = feats_u = None
+        if x_u is not None and self.method.needs_teacher:
+            x_u = x_u[None].to(device)
+            logits_t, feats_u = self._forward(self.teacher, x_u, tap, (), {})
+        else:
+            x_u = None
+        logits_l, feats = self._forward(self.network, x_l, tap, (), {})
+        return self._maps(x_l, y_l, logits_l, x_u, logits_t, feats, 1, feats_u)
 
     def _loss_terms(
         self,

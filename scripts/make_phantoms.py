@@ -38,7 +38,7 @@ def main(
     dataset_dir: str,
     num_training: int = 40,
     num_validation: int = 4,
-    num_test: int = 10,
+    num_test: int = 20,
     num_unlabeled: int = 0,
     seed: int = 0,
     workers: int = 2,

@@ -180,3 +180,8 @@ def test_evaluation_writes_all_four_metrics(trained, tiny_dataset):
     for metric in ("dice", "jaccard", "hd95_mm", "asd_mm"):
         assert set(summary[metric]) == {"mean", "std", "num_undefined"}
     assert 0.0 <= summary["dice"]["mean"] <= 1.0
+    # the predictions are kept, in the reference label's grid and affine
+    for item in json.loads((tiny_dataset / "dataset.json").read_text())["test"]:
+        reference = nib.load(str(tiny_dataset / item["label"]))
+        pred = nib.load(str(out / "predictions" / Path(item["image"]).name.replace(".nii.gz", "_seg.nii.gz")))
+        assert pred.shape == reference.shape and np.allclose(pred.affine, reference.affine, atol=1e-4)

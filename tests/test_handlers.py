@@ -45,7 +45,35 @@ def test_maps_reach_tensorboard_and_png_only_every_interval(tiny_net, tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0}).Reload()
     tags = set(acc.Tags()["images"])
     assert {f"prototype_maps/{p}" for p in ("x_u", "p_u", "x_l", "y_l", "p_l")} <= tags
-    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["prototype_maps_000002.png"]
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["prototype_maps_000002.npz",
+                                                                    "prototype_maps_000002.png"]
+
+
+def test_fixed_probe_follows_one_slice_through_training(tiny_net, tmp_path):
+    """Fig. 6 shows one slice at several points of training: the same volumes and cut at every snapshot while
+    the batches change, with maps of the current weights (the probe itself changes nothing)."""
+    from cpcl_bundle.handlers import load_snapshots
+
+    labeled = DataLoader(blob_batch(4, seed=1), batch_size=2)  # two different batches alternate
+    unlabeled = DataLoader(blob_batch(4, seed=2, with_label=False), batch_size=2)
+    handler = PrototypeMapHandler(log_dir=str(tmp_path / "tb"), interval=1, png_dir=tmp_path / "png")
+    trainer = CPCLTrainer("cpu", 2, labeled, tiny_net, paper_optimizer(tiny_net.parameters()), supervised_loss(),
+                          unlabeled_data_loader=unlabeled, method="cpcl", train_handlers=[handler])
+    trainer.run()
+    snapshots = load_snapshots(tmp_path / "png")
+    assert sorted(snapshots) == [1, 2, 3, 4]
+    first = snapshots[1]
+    assert set(first) == set(PANELS)
+    for later in (snapshots[2], snapshots[3], snapshots[4]):
+        for key in ("x_l", "y_l", "x_u"):
+            assert (later[key] == first[key]).all(), key
+    assert not (snapshots[4]["p_l"] == first["p_l"]).all()  # the weights moved on
+    # probing is side-effect free: same weights in, same maps out, weights unchanged
+    before = {k: v.clone() for k, v in tiny_net.state_dict().items()}
+    x_l, y_l, x_u = (torch.from_numpy(first[k])[None, :, :, None].repeat(1, 1, 1, 16) for k in ("x_l", "y_l", "x_u"))
+    a, b = trainer.probe_maps(x_l, y_l, x_u), trainer.probe_maps(x_l, y_l, x_u)
+    assert all(torch.equal(a[k], b[k]) for k in a if a[k] is not None)
+    assert all(torch.equal(v, tiny_net.state_dict()[k]) for k, v in before.items())
 
 
 def test_map_panels_are_unit_range_slices():

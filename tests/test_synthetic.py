@@ -22,7 +22,8 @@ from cpcl_bundle.synthetic import Tissue, case_seed, generate_case, generate_dat
 
 SCALE = 0.4  # anatomy and field of view shrunk (spacing unchanged): ~0.3 M voxels per case
 SEEDS = range(5)
-KIDNEY_TISSUES = [Tissue.CORTEX, Tissue.MEDULLA, Tissue.SINUS, Tissue.PELVIS, Tissue.CYST]
+KIDNEY_TISSUES = [Tissue.CORTEX, Tissue.MEDULLA, Tissue.SINUS, Tissue.PELVIS, Tissue.CYST, Tissue.TUMOUR,
+                  Tissue.NECROSIS]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_label_is_the_binary_kidney_mask(phantoms):
         kidney = p.label.astype(bool)
         # labeled voxels are kidney tissue (renal vessels entering the sinus aside); parenchyma is always labeled
         assert np.isin(p.tissue[kidney], KIDNEY_TISSUES).mean() > 0.97
-        assert kidney[np.isin(p.tissue, [Tissue.CORTEX, Tissue.MEDULLA])].all()
+        assert kidney[np.isin(p.tissue, [Tissue.CORTEX, Tissue.MEDULLA, Tissue.TUMOUR, Tissue.NECROSIS])].all()
         assert not np.isin(p.tissue[~kidney], [Tissue.CORTEX, Tissue.MEDULLA]).any()
         assert 0.005 < kidney.mean() < 0.06
         # the in-plane field of view holds the kidneys with a margin (only the slice range may cut a pole)
@@ -99,6 +100,36 @@ def test_hounsfield_units_are_plausible():
     inner = ndimage.binary_erosion(p.tissue == Tissue.AIR, np.ones((5, 5, 1), bool))
     a, b = p.image[:-1][inner[:-1] & inner[1:]], p.image[1:][inner[:-1] & inner[1:]]
     assert np.corrcoef(a.astype(float), b.astype(float))[0, 1] > 0.2
+
+
+def _inner_mean(p, tissue):
+    inner = ndimage.binary_erosion(p.tissue == tissue, np.ones((3, 3, 1), bool))
+    return float(p.image[inner].mean()) if inner.sum() > 30 else None
+
+
+def test_contrast_phases_tumours_and_nephrectomy_vary_between_cases():
+    """What makes few labels not enough: phases with other kidney contrast, tumours (labeled kidney, as in
+    KiTS19) of other enhancement, and the odd single kidney."""
+    seen, with_tumour, single = set(), 0, 0
+    for seed in range(16):
+        p = render_phantom(seed, scale=SCALE)
+        seen.add(p.phase)
+        cortex, medulla = _inner_mean(p, Tissue.CORTEX), _inner_mean(p, Tissue.MEDULLA)
+        if cortex is not None and medulla is not None:
+            if p.phase == "corticomedullary":
+                assert cortex > medulla + 40
+            elif p.phase == "nephrographic":
+                assert abs(cortex - medulla) < 35 and cortex > 120
+            else:
+                assert cortex < 160 and medulla < 80
+        tumour = np.isin(p.tissue, [Tissue.TUMOUR, Tissue.NECROSIS])
+        if tumour.any():
+            with_tumour += 1
+            assert p.label[tumour].all()
+        components, n = ndimage.label(p.label)
+        single += int(np.bincount(components.ravel())[1:].max() > 0.97 * p.label.sum())
+    assert seen == set(synthetic.PHASES)
+    assert 6 <= with_tumour <= 15 and single <= 4
 
 
 def test_anatomy_is_in_ras_voxel_order(phantoms):

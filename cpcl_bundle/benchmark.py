@@ -1,0 +1,406 @@
+# Copyright (c) MONAI Consortium
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The benchmark: a grid of methods x label ratios x seeds trained and evaluated with the bundle's own
+commands, and the paper's tables (Tables I-IV: mean (std) of Dice, Jaccard, 95HD, ASD; ``*`` where a
+two-sided paired t-test against CPCL over the test cases gives p <= 0.05; best mean in bold).
+
+Each run is two subprocesses, exactly what a user types (``python -m monai.bundle run training
+--config_file configs/train.json --method ... --labeled_ratio ...``, then the same with ``evaluate.json``
+merged), in its own folder::
+
+    <output_dir>/runs/<method>_<pct>pct_seed<seed>/
+        models/model.pt          the trained network (plus model_best.pt)
+        eval/                    TensorBoard logs, prototype maps, resume checkpoints, split.json
+        test/                    metrics.csv, metrics_summary.json, predictions/<case>_seg.nii.gz
+        train.log, evaluate.log  the commands' output
+        run.json                 what ran: overrides, commands, wall times (written when the run is done)
+
+A run with ``run.json`` is finished and skipped when the benchmark is run again; an interrupted one resumes
+from its last checkpoint (``--resume True``, the bundle's exact resume). Reports are made from the folders
+alone (:func:`collect`, :func:`summarise_runs`, :func:`markdown_table`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cpcl_bundle.evaluation import METRICS
+from cpcl_bundle.methods import METHODS
+
+__all__ = [
+    "VARIANTS",
+    "Run",
+    "plan",
+    "bundle_command",
+    "run_grid",
+    "collect",
+    "summarise_runs",
+    "paired_tests",
+    "markdown_table",
+    "write_reports",
+]
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "cpcl_released": {"method": "cpcl", "prototype_grad": False},
+    "cpcl_decoder": {"method": "cpcl", "feature_layer": "decoder_half"},
+}
+"""Named variants beside the methods of :data:`cpcl_bundle.methods.METHODS`: ``cpcl_released`` is CPCL with
+the authors' released gradient flow (no gradient through the prototypes), see the method page;
+``cpcl_decoder`` takes the prototypes' features from the decoder at half resolution (32 channels) instead of
+the encoder's last stage, which is only 3^3 voxels at the CPU demo's 48^3 crop."""
+
+REFERENCE = "cpcl"
+"""The method every other is tested against (the paper's ``*``)."""
+
+HIGHER_IS_BETTER = {"dice": True, "jaccard": True, "hd95_mm": False, "asd_mm": False}
+HEADERS = {"dice": "Dice (%)", "jaccard": "Jaccard (%)", "hd95_mm": "95HD (mm)", "asd_mm": "ASD (mm)"}
+PERCENT = {"dice", "jaccard"}
+
+_STEP = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/(\d+)")
+
+
+def _pct(ratio: float) -> str:
+    return f"{100 * ratio:.6g}"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One cell of the grid: a method (or a :data:`VARIANTS` name) at a label ratio and seed."""
+
+    method: str
+    ratio: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}_{_pct(self.ratio)}pct_seed{self.seed}"
+
+    def overrides(self) -> dict[str, Any]:
+        """The bundle ids this run sets (on top of the benchmark's common overrides)."""
+        base = dict(VARIANTS.get(self.method, {"method": self.method}))
+        return {**base, "labeled_ratio": self.ratio, "seed": self.seed}
+
+
+def plan(
+    methods: Sequence[str], ratios: Sequence[float], seeds: Sequence[int], full_supervised: bool = True
+) -> list[Run]:
+    """The grid: every method at every ratio and seed, plus (``full_supervised``) ``supervised`` at 100 %
+    per seed, the paper's upper bound. Unknown names fail here, before anything runs."""
+    known = set(METHODS) | set(VARIANTS)
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}: choose from {sorted(known)}")
+    bad = [r for r in ratios if not 0 < float(r) <= 1]
+    if bad:
+        raise ValueError(f"label ratios must be in (0, 1], got {bad}")
+    runs = [Run(m, float(r), int(s)) for r in ratios for m in methods for s in seeds]
+    if full_supervised:
+        runs += [Run("supervised", 1.0, int(s)) for s in seeds]
+    unique = list(dict.fromkeys(runs))
+    return unique
+
+
+def _cli_value(value: Any) -> str:
+    """A value as the bundle CLI (python-fire) parses it back: Python literals, plain strings as they are."""
+    return value if isinstance(value, str) else repr(value)
+
+
+def bundle_command(config_files: Sequence[str], overrides: dict[str, Any], run_id: str | None = None) -> list[str]:
+    """``python -m monai.bundle run [run_id] --config_file [...] --key value ...`` as an argument list."""
+    command = [sys.executable, "-m", "monai.bundle", "run"]
+    if run_id is not None:
+        command.append(run_id)
+    files = config_files[0] if len(config_files) == 1 else repr([str(f) for f in config_files])
+    command += ["--config_file", str(files)]
+    for key, value in overrides.items():
+        command += [f"--{key}", _cli_value(value)]
+    return command
+
+
+@dataclass
+class _Progress:
+    """Thread-safe step counting over all runs, for the progress bar."""
+
+    update: Callable[[int], None]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, n: int) -> None:
+        if n > 0:
+            with self.lock:
+                self.update(n)
+
+
+def _follow(
+    command: list[str], log: Path, env: dict[str, str], on_step: Callable[[int], None], cwd: Path | None = None
+) -> int:
+    """Run ``command`` with its output in ``log``; call ``on_step(global_step)`` for every StatsHandler line."""
+    with open(log, "a") as out, subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1, cwd=cwd
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            out.write(line)
+            for epoch, it, length in _STEP.findall(line):
+                on_step((int(epoch) - 1) * int(length) + int(it))
+        return process.wait()
+
+
+def _run_one(
+    run: Run,
+    root: Path,
+    common: dict[str, Any],
+    config_dir: Path,
+    threads: int,
+    steps: _Progress,
+    max_iterations: int,
+) -> dict[str, Any]:
+    folder = root / "runs" / run.name
+    models, evaluation, test = folder / "models", folder / "eval", folder / "test"
+    folder.mkdir(parents=True, exist_ok=True)
+    overrides = {**common, **run.overrides(), "ckpt_dir": str(models), "output_dir": str(evaluation)}
+    if any((evaluation / "checkpoints").glob("resume_checkpoint_*.pt")):
+        overrides["resume"] = True  # an interrupted run goes on from its last checkpoint
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    train = bundle_command([str(config_dir / "train.json")], overrides, "training")
+    done = [0]
+
+    def on_step(step: int) -> None:
+        steps.add(step - done[0])
+        done[0] = max(done[0], step)
+
+    start = time.perf_counter()
+    if _follow(train, folder / "train.log", env, on_step, config_dir.parent) != 0:
+        raise RuntimeError(f"training of {run.name} failed: see {folder / 'train.log'}")
+    steps.add(max_iterations - done[0])
+    train_s = time.perf_counter() - start
+    evaluate_overrides = {k: v for k, v in overrides.items() if k != "resume"} | {"output_dir": str(test)}
+    evaluate = bundle_command([str(config_dir / "train.json"), str(config_dir / "evaluate.json")], evaluate_overrides)
+    start = time.perf_counter()
+    if _follow(evaluate, folder / "evaluate.log", env, lambda step: None, config_dir.parent) != 0:
+        raise RuntimeError(f"evaluation of {run.name} failed: see {folder / 'evaluate.log'}")
+    record = {
+        "name": run.name,
+        "method": run.method,
+        "ratio": run.ratio,
+        "seed": run.seed,
+        "overrides": overrides,
+        "train_command": train,
+        "evaluate_command": evaluate,
+        "train_seconds": round(train_s, 1),
+        "evaluate_seconds": round(time.perf_counter() - start, 1),
+        "threads": threads,
+    }
+    tmp = folder / ".run.json.partial"
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, folder / "run.json")
+    return record
+
+
+def run_grid(
+    runs: Sequence[Run],
+    output_dir: str | os.PathLike,
+    common: dict[str, Any],
+    max_iterations: int,
+    config_dir: str | os.PathLike = "configs",
+    jobs: int = 1,
+    threads: int | None = None,
+) -> list[dict[str, Any]]:
+    """Train and evaluate every run not finished yet, ``jobs`` at a time with ``threads`` each (default: the
+    CPU count shared out); a bar shows runs, another the training steps of all runs. Returns ``run.json``
+    records of all runs (finished ones read back)."""
+    from tqdm import tqdm
+
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    config_dir = Path(config_dir).resolve()
+    threads = threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
+    finished = {r.name for r in runs if (root / "runs" / r.name / "run.json").is_file()}
+    todo = [r for r in runs if r.name not in finished]
+    with tqdm(total=len(runs), initial=len(finished), desc="runs", unit="run", position=0) as run_bar, tqdm(
+        total=len(todo) * max_iterations, desc="steps", unit="step", position=1
+    ) as step_bar:
+        steps = _Progress(step_bar.update)
+
+        def one(run: Run) -> dict[str, Any]:
+            record = _run_one(run, root, common, config_dir, threads, steps, max_iterations)
+            run_bar.update(1)
+            run_bar.set_postfix_str(run.name)
+            return record
+
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            list(pool.map(one, todo))
+    return [json.loads((root / "runs" / r.name / "run.json").read_text()) for r in runs]
+
+
+# ---------------------------------------------------------------------------------------------------- reports
+
+
+def collect(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Per-case metrics of every finished run under ``output_dir``: rows of run, method, ratio, seed, case and
+    :data:`~cpcl_bundle.evaluation.METRICS`."""
+    rows = []
+    for record_file in sorted(Path(output_dir).glob("runs/*/run.json")):
+        record = json.loads(record_file.read_text())
+        with open(record_file.parent / "test" / "metrics.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                rows.append(
+                    {
+                        "run": record["name"],
+                        "method": record["method"],
+                        "ratio": float(record["ratio"]),
+                        "seed": int(record["seed"]),
+                        "case": row["case"],
+                        **{m: float(row[m]) if row[m] not in ("", "nan") else math.nan for m in METRICS},
+                    }
+                )
+    return rows
+
+
+def _per_case(rows: Iterable[dict], method: str, ratio: float, metric: str) -> dict[str, float]:
+    """Case -> the metric averaged over seeds (NaN-aware) for one method and ratio."""
+    values: dict[str, list[float]] = {}
+    for r in rows:
+        if r["method"] == method and math.isclose(r["ratio"], ratio):
+            values.setdefault(r["case"], []).append(r[metric])
+    return {case: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for case, v in values.items()}
+
+
+def paired_tests(
+    rows: Sequence[dict], method: str, ratio: float, reference: tuple[str, float], metric: str
+) -> tuple[float, int]:
+    """Two-sided paired t-test of ``metric`` between (method, ratio) and ``reference`` (method, ratio) over the
+    test cases both have a finite value for (seeds averaged per case). Returns (p, number of pairs); p is NaN
+    with fewer than two pairs or when every difference is equal."""
+    from scipy import stats
+
+    a, b = _per_case(rows, method, ratio, metric), _per_case(rows, *reference, metric)
+    cases = sorted(c for c in a.keys() & b.keys() if math.isfinite(a[c]) and math.isfinite(b[c]))
+    if len(cases) < 2:
+        return math.nan, len(cases)
+    x, y = np.array([a[c] for c in cases]), np.array([b[c] for c in cases])
+    if np.allclose(x - y, (x - y)[0]):
+        return (1.0 if np.allclose(x, y) else 0.0), len(cases)
+    return float(stats.ttest_rel(x, y).pvalue), len(cases)
+
+
+def summarise_runs(rows: Sequence[dict], reference: str = REFERENCE) -> list[dict[str, Any]]:
+    """One entry per (method, ratio): mean and std over test cases of each metric (seeds averaged per case),
+    the spread of the per-seed means, and the paired t-test against ``reference`` at the same ratio (at the
+    lowest ratio for runs at 100 %)."""
+    groups = list(dict.fromkeys((r["method"], r["ratio"]) for r in rows))
+    ratios_with_reference = sorted({ratio for m, ratio in groups if m == reference})
+    summary = []
+    for method, ratio in groups:
+        entry: dict[str, Any] = {"method": method, "ratio": ratio}
+        seeds = sorted({r["seed"] for r in rows if r["method"] == method and r["ratio"] == ratio})
+        entry["seeds"] = seeds
+        if method == reference or not ratios_with_reference:
+            against = None
+        elif ratio in ratios_with_reference:
+            against = (reference, ratio)
+        else:
+            against = (reference, ratios_with_reference[0])
+        entry["compared_with"] = None if against is None else {"method": against[0], "ratio": against[1]}
+        for metric in METRICS:
+            per_case = np.array(list(_per_case(rows, method, ratio, metric).values()))
+            finite = per_case[np.isfinite(per_case)]
+            seed_means = [
+                float(np.nanmean([r[metric] for r in rows if (r["method"], r["ratio"], r["seed"]) == (method, ratio, s)]))
+                for s in seeds
+            ]
+            stats: dict[str, Any] = {
+                "mean": float(finite.mean()) if finite.size else math.nan,
+                "std": float(finite.std()) if finite.size else math.nan,
+                "num_cases": int(per_case.size),
+                "num_undefined": int(per_case.size - finite.size),
+                "seed_means": seed_means,
+            }
+            if against is not None:
+                stats["p_value"], stats["num_pairs"] = paired_tests(rows, method, ratio, against, metric)
+            entry[metric] = stats
+        summary.append(entry)
+    return summary
+
+
+def _fmt(metric: str, stats: dict[str, Any]) -> str:
+    scale = 100.0 if metric in PERCENT else 1.0
+    mean, std = stats["mean"] * scale, stats["std"] * scale
+    if not math.isfinite(mean):
+        return "n/a"
+    return f"{mean:.2f} ({std:.2f})" if math.isfinite(std) else f"{mean:.2f}"
+
+
+def markdown_table(summary: Sequence[dict[str, Any]], alpha: float = 0.05) -> str:
+    """The paper's layout: a block per label ratio (the 100 % upper bound first), rows ``method | labeled``,
+    each metric as ``mean (std)``; ``*`` where the paired t-test against CPCL gives p <= ``alpha``; the best
+    mean of each metric within a ratio's block in bold."""
+    order = {name: i for i, name in enumerate(["supervised", *METHODS, *VARIANTS])}
+    entries = sorted(summary, key=lambda e: (-(e["ratio"] >= 1.0), e["ratio"], order.get(e["method"], 99)))
+    best: dict[tuple[float, str], float] = {}
+    for metric in METRICS:
+        for ratio in {e["ratio"] for e in entries}:
+            means = [e[metric]["mean"] for e in entries if e["ratio"] == ratio and math.isfinite(e[metric]["mean"])]
+            if len(means) > 1:
+                best[(ratio, metric)] = max(means) if HIGHER_IS_BETTER[metric] else min(means)
+    lines = [
+        "| method | labeled | " + " | ".join(HEADERS[m] for m in METRICS) + " |",
+        "|---|---|" + "---|" * len(METRICS),
+    ]
+    for e in entries:
+        cells = []
+        for metric in METRICS:
+            text = _fmt(metric, e[metric])
+            p = e[metric].get("p_value", math.nan)
+            if math.isfinite(p) and p <= alpha:
+                text += "*"
+            if (e["ratio"], metric) in best and e[metric]["mean"] == best[(e["ratio"], metric)]:
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append(f"| {e['method']} | {_pct(e['ratio'])}% | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(output_dir: str | os.PathLike, reference: str = REFERENCE) -> dict[str, Path]:
+    """``per_case_metrics.csv``, ``summary.json`` and ``results_table.md`` in ``output_dir`` from its finished
+    runs; returns their paths."""
+    root = Path(output_dir)
+    rows = collect(root)
+    if not rows:
+        raise FileNotFoundError(f"no finished run under {root / 'runs'} (a finished run has run.json)")
+    paths = {"csv": root / "per_case_metrics.csv", "summary": root / "summary.json", "table": root / "results_table.md"}
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = summarise_runs(rows, reference)
+    records = {json.loads(p.read_text())["name"]: json.loads(p.read_text()) for p in root.glob("runs/*/run.json")}
+    timing = {
+        name: {k: r.get(k) for k in ("train_seconds", "evaluate_seconds", "threads", "overrides")}
+        for name, r in sorted(records.items())
+    }
+    paths["summary"].write_text(json.dumps({"reference": reference, "groups": summary, "runs": timing}, indent=2))
+    paths["table"].write_text(markdown_table(summary))
+    return paths

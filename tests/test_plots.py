@@ -1,0 +1,95 @@
+# Copyright (c) MONAI Consortium
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The benchmark's figures: each is a real PNG of the expected layout, read back from what runs write."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
+
+from cpcl_bundle import plots
+
+
+def _png(path):
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+def test_dice_boxplot_has_a_box_per_method_and_ratio(tmp_path):
+    rows = [{"method": m, "ratio": r, "dice": d} for m, r in (("supervised", 1.0), ("cpcl", 0.1), ("mt", 0.1))
+            for d in np.linspace(0.7, 0.9, 5)] + [{"method": "mt", "ratio": 0.1, "dice": float("nan")}]
+    narrow = _png(plots.dice_boxplot(rows[:5], tmp_path / "one.png"))
+    wide = _png(plots.dice_boxplot(rows, tmp_path / "three.png"))
+    assert wide[0] > narrow[0]
+
+
+def test_scalars_read_back_and_curves_drawn(tmp_path):
+    run = tmp_path / "runs" / "cpcl_10pct_seed0"
+    (run / "eval").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"name": run.name, "overrides": {"iterations_per_epoch": 5}}))
+    writer = SummaryWriter(str(run / "eval"))
+    for step in range(1, 41):
+        writer.add_scalar("loss", 1.0 / step, step)
+    writer.add_scalar("val_mean_dice", 0.5, 4)
+    writer.add_scalar("val_mean_dice", 0.7, 8)
+    writer.close()
+    writer = SummaryWriter(str(run / "eval"))  # a resumed run writes step 8 again: the last value wins
+    writer.add_scalar("val_mean_dice", 0.75, 8)
+    writer.close()
+    scalars = plots.read_scalars(run / "eval")
+    assert [s for s, _ in scalars["loss"]] == list(range(1, 41))
+    assert scalars["val_mean_dice"] == [(4, 0.5), (8, 0.75)]
+    _png(plots.training_curves(tmp_path, tmp_path / "curves.png", smooth=5))
+
+
+def test_fig6_rows_are_spread_over_training(tmp_path):
+    panel = np.random.default_rng(0).random((16, 12)).astype(np.float32)
+    for step in (100, 200, 300, 400, 500, 600, 700):
+        np.savez(tmp_path / f"prototype_maps_{step:06d}.npz", **{k: panel for k in
+                 ("x_u", "p_u", "p_l2u", "x_l", "y_l", "p_l", "p_u2l")})
+    four = _png(plots.prototype_figure(tmp_path, tmp_path / "fig6.png", num_steps=4))
+    two = _png(plots.prototype_figure(tmp_path, tmp_path / "fig6_2.png", num_steps=2))
+    assert four[1] > 1.5 * two[1] and abs(four[0] - two[0]) < 0.1 * four[0]  # rows: steps; columns: panels
+    with pytest.raises(FileNotFoundError, match="snapshots"):
+        plots.prototype_figure(tmp_path / "none", tmp_path / "x.png")
+
+
+def test_overlays_read_test_cases_and_predictions(tmp_path):
+    data = tmp_path / "data"
+    (data / "imagesTs").mkdir(parents=True)
+    (data / "labelsTs").mkdir()
+    test = []
+    for i in range(3):
+        image = np.random.default_rng(i).normal(40, 20, (24, 20, 8)).astype(np.int16)
+        label = np.zeros(image.shape, np.uint8)
+        label[8:14, 6:12, 2:6] = 1
+        nib.save(nib.Nifti1Image(image, np.eye(4)), str(data / "imagesTs" / f"case_{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(label, np.eye(4)), str(data / "labelsTs" / f"case_{i}.nii.gz"))
+        test.append({"image": f"imagesTs/case_{i}.nii.gz", "label": f"labelsTs/case_{i}.nii.gz"})
+    (data / "dataset.json").write_text(json.dumps({"training": [], "test": test}))
+    bench = tmp_path / "bench"
+    for name in ("supervised_10pct_seed0", "cpcl_10pct_seed0"):
+        folder = bench / "runs" / name / "test"
+        (folder / "predictions").mkdir(parents=True)
+        (bench / "runs" / name / "run.json").write_text("{}")
+        (folder / "metrics.csv").write_text("case,dice,jaccard,hd95_mm,asd_mm\n" + "".join(
+            f"case_{i},{0.5 + 0.1 * i},0,0,0\n" for i in range(3)))
+        for i in range(3):
+            pred = np.zeros((24, 20, 8), np.uint8)
+            pred[9:15, 6:12, 2:6] = 1
+            nib.save(nib.Nifti1Image(pred, np.eye(4)), str(folder / "predictions" / f"case_{i}_seg.nii.gz"))
+    width, height = _png(plots.overlays(bench, data, tmp_path / "overlays.png", num_cases=3))
+    one = _png(plots.overlays(bench, data, tmp_path / "one.png", runs=["cpcl_10pct_seed0"], num_cases=1))
+    assert width > 1.3 * one[0] and height > 2 * one[1]
