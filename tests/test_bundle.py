@@ -185,3 +185,23 @@ def test_evaluation_writes_all_four_metrics(trained, tiny_dataset):
         reference = nib.load(str(tiny_dataset / item["label"]))
         pred = nib.load(str(out / "predictions" / Path(item["image"]).name.replace(".nii.gz", "_seg.nii.gz")))
         assert pred.shape == reference.shape and np.allclose(pred.affine, reference.affine, atol=1e-4)
+
+
+def test_paper_protocol_preset_overrides_the_cpu_demo():
+    """configs/paper_protocol.json merged after train.json gives the paper's protocol (96^3 crops at 1 mm,
+    20,000 steps, poly decay over all of them) and touches nothing else."""
+    parser = ConfigParser()
+    parser.read_config([TRAIN, str(CONFIGS / "paper_protocol.json")])
+    parser["bundle_root"] = str(ROOT)
+    assert parser.get_parsed_content("patch_size") == [96, 96, 96]
+    assert parser.get_parsed_content("pixdim") == [1.0, 1.0, 1.0]
+    assert parser.get_parsed_content("lr_scheduler#total_iters") == 20000
+    max_epochs = parser.get_parsed_content("train#trainer#max_epochs")
+    assert max_epochs * parser.get_parsed_content("epoch_length") == 20000
+    assert parser.get_parsed_content("train#labeled_crop#2#spatial_size") == [96, 96, 96]
+    assert parser.get_parsed_content("sw_roi_size") == [96, 96, 96]
+    demo = ConfigParser()
+    demo.read_config(TRAIN)
+    preset = json.loads((CONFIGS / "paper_protocol.json").read_text())
+    assert set(preset) <= set(demo.config)  # only top-level ids that train.json has
+    assert all(demo[k] != v for k, v in preset.items() if k != "roi_margin")
