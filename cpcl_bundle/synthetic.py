@@ -597,6 +597,22 @@ def _sample_tumour(rng: np.random.Generator, sc: float, kidney: _Kidney) -> _Tum
     )
 
 
+def _enhancement(
+    aorta: float, ivc: float, vein: float, liver: float, spleen: tuple, cortex: tuple, medulla: tuple
+) -> dict[Tissue, tuple]:
+    """HU rows (mean, low-frequency and fine amplitudes) of the tissues that follow the contrast bolus."""
+    return {
+        T.AORTA: (aorta, 8, 0),
+        T.RENAL_ARTERY: (aorta, 0, 0),
+        T.IVC: (ivc, 10, 0),
+        T.RENAL_VEIN: (vein, 0, 0),
+        T.LIVER: (liver, 6, 4),
+        T.SPLEEN: spleen,
+        T.CORTEX: cortex,
+        T.MEDULLA: medulla,
+    }
+
+
 def _sample_hu(rng: np.random.Generator, timing: float, phase: str) -> np.ndarray:
     """Per-case HU table [len(Tissue), 3]: mean, low-frequency and fine texture amplitudes (phantom.md).
 
@@ -637,29 +653,27 @@ def _sample_hu(rng: np.random.Generator, timing: float, phase: str) -> np.ndarra
     if phase == "nephrographic":
         cortex = rng.uniform(140, 200)
         aorta = rng.uniform(150, 220)
-        values |= {
-            T.AORTA: (aorta, 8, 0),
-            T.RENAL_ARTERY: (aorta, 0, 0),
-            T.IVC: (rng.uniform(120, 170), 10, 0),
-            T.RENAL_VEIN: (rng.uniform(130, 170), 0, 0),
-            T.LIVER: (rng.uniform(90, 120), 6, 4),
-            T.SPLEEN: (rng.uniform(110, 130), 6, 4),
-            T.CORTEX: (cortex, 6, 4),
-            T.MEDULLA: (cortex - rng.uniform(0, 25), 6, 4),
-        }
+        values |= _enhancement(
+            aorta,
+            ivc=rng.uniform(120, 170),
+            vein=rng.uniform(130, 170),
+            liver=rng.uniform(90, 120),
+            spleen=(rng.uniform(110, 130), 6, 4),
+            cortex=(cortex, 6, 4),
+            medulla=(cortex - rng.uniform(0, 25), 6, 4),
+        )
         tumour = rng.uniform(80, 130) if hyper else rng.uniform(40, 75)
     elif phase == "early":
         aorta = rng.uniform(250, 400)
-        values |= {
-            T.AORTA: (aorta, 8, 0),
-            T.RENAL_ARTERY: (aorta, 0, 0),
-            T.IVC: (rng.uniform(40, 70), 10, 0),
-            T.RENAL_VEIN: (rng.uniform(80, 130), 0, 0),
-            T.LIVER: (rng.uniform(55, 65), 6, 4),
-            T.SPLEEN: (rng.uniform(80, 120), 12, 30),
-            T.CORTEX: (rng.uniform(95, 140), 8, 6),
-            T.MEDULLA: (rng.uniform(35, 55), 5, 4),
-        }
+        values |= _enhancement(
+            aorta,
+            ivc=rng.uniform(40, 70),
+            vein=rng.uniform(80, 130),
+            liver=rng.uniform(55, 65),
+            spleen=(rng.uniform(80, 120), 12, 30),
+            cortex=(rng.uniform(95, 140), 8, 6),
+            medulla=(rng.uniform(35, 55), 5, 4),
+        )
         tumour = rng.uniform(70, 110) if hyper else rng.uniform(35, 60)
     else:
         tumour = rng.uniform(90, 170) if hyper else rng.uniform(35, 80)
