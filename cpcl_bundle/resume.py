@@ -38,6 +38,8 @@ from ignite.handlers import Checkpoint, DiskSaver
 from monai.transforms import Randomizable
 from torch.utils.data import Sampler
 
+from cpcl_bundle.validation import as_bool
+
 __all__ = ["ResumableSampler", "TrainingRNG", "ResumeCheckpoint", "latest_checkpoint"]
 
 PREFIX = "resume"
@@ -201,7 +203,8 @@ class ResumeCheckpoint:
     ) -> None:
         if interval < 1:
             raise ValueError(f"interval must be at least 1, got {interval}")
-        self.save_dir, self.interval, self.resume, self.n_saved = Path(save_dir), int(interval), bool(resume), n_saved
+        self.save_dir, self.interval, self.n_saved = Path(save_dir), int(interval), n_saved
+        self.resume = as_bool(resume, "resume")
         self.objects = dict(objects or {})
         self.loaded_from: Path | None = None
 

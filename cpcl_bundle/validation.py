@@ -21,11 +21,13 @@ import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 __all__ = [
+    "as_bool",
     "InputError",
     "check_case",
     "check_cases",
@@ -43,6 +45,17 @@ class InputError(ValueError):
         self.problems = list(problems)
         n = len(self.problems)
         super().__init__(f"{n} input problem{'s' if n > 1 else ''}:\n" + "\n".join(f"  {p}" for p in self.problems))
+
+
+def as_bool(value: Any, name: str) -> bool:
+    """A setting that may arrive from the command line as text (python-fire passes ``--resume false`` on as
+    the string 'false', which ``bool`` would take for True)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return text in ("true", "1", "yes")
+    return bool(value)
 
 
 def _load(path: str):

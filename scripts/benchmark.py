@@ -41,6 +41,7 @@ if ROOT not in sys.path:
 
 from cpcl_bundle import benchmark, plots  # noqa: E402
 from cpcl_bundle.methods import get_method  # noqa: E402
+from cpcl_bundle.validation import as_bool  # noqa: E402
 
 DEFAULT_METHODS = ("supervised", "mt", "fpcl", "bpcl", "cpcl", "mt_cpcl")
 
@@ -52,15 +53,6 @@ def _config_value(config_dir: Path, key: str) -> Any:
     parser.read_config(str(config_dir / "train.json"))
     parser["bundle_root"] = ROOT
     return parser.get_parsed_content(key)
-
-
-def _flag(value: Any) -> bool:
-    """A boolean from the command line: python-fire passes ``--x false`` on as the string 'false'."""
-    if isinstance(value, str):
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"expected true or false, got {value!r}")
-        return value.lower() in ("true", "1", "yes")
-    return bool(value)
 
 
 def _list(value: Any) -> list:
@@ -120,7 +112,7 @@ def run(
     config = Path(config_dir or Path(ROOT) / "configs").resolve()
     runs = benchmark.plan(
         [str(m) for m in _list(methods)], [float(r) for r in _list(ratios)], [int(s) for s in _list(seeds)],
-        _flag(full_supervised),
+        as_bool(full_supervised, "full_supervised"),
     )
     for run_ in runs:
         get_method(run_.overrides()["method"])

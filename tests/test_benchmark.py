@@ -177,7 +177,7 @@ def test_script_reads_command_line_values_as_a_user_types_them():
         import benchmark as script
     finally:
         sys.path.remove(str(ROOT / "scripts"))
-    assert script._flag("false") is False and script._flag("True") is True and script._flag(False) is False
+    assert script.as_bool("false", "x") is False and script.as_bool("True", "x") is True
     with pytest.raises(ValueError, match="true or false"):
-        script._flag("maybe")
+        script.as_bool("maybe", "full_supervised")
     assert script._list("cpcl") == ["cpcl"] and script._list(0) == [0] and script._list(("mt", "cpcl")) == ["mt", "cpcl"]

@@ -119,3 +119,14 @@ def test_training_rng_restores_every_generator():
     assert draw() == first
     with pytest.raises(ValueError, match="same configuration"):
         TrainingRNG([], []).load_state_dict(state)
+
+
+def test_resume_setting_typed_on_the_command_line_means_what_it_says(tmp_path):
+    """python-fire hands `--resume false` over as the string 'false': it must not switch resuming on."""
+    from cpcl_bundle.resume import ResumeCheckpoint
+
+    assert ResumeCheckpoint(tmp_path, resume="false").resume is False
+    assert ResumeCheckpoint(tmp_path, resume="True").resume is True
+    assert ResumeCheckpoint(tmp_path, resume=False).resume is False
+    with pytest.raises(ValueError, match="resume must be true or false"):
+        ResumeCheckpoint(tmp_path, resume="maybe")
