@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from cpcl_bundle.evaluation import METRICS
+from cpcl_bundle.evaluation import METRICS, summarise
 from cpcl_bundle.methods import METHODS
 
 __all__ = [
@@ -119,8 +119,7 @@ def plan(
     runs = [Run(m, float(r), int(s)) for r in ratios for m in methods for s in seeds]
     if full_supervised:
         runs += [Run("supervised", 1.0, int(s)) for s in seeds]
-    unique = list(dict.fromkeys(runs))
-    return unique
+    return list(dict.fromkeys(runs))
 
 
 def _cli_value(value: Any) -> str:
@@ -258,13 +257,17 @@ def run_grid(
 # ---------------------------------------------------------------------------------------------------- reports
 
 
+def _records(output_dir: str | os.PathLike) -> dict[Path, dict[str, Any]]:
+    """The ``run.json`` of every finished run under ``output_dir``, by run folder (sorted)."""
+    return {p.parent: json.loads(p.read_text()) for p in sorted(Path(output_dir).glob("runs/*/run.json"))}
+
+
 def collect(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Per-case metrics of every finished run under ``output_dir``: rows of run, method, ratio, seed, case and
     :data:`~cpcl_bundle.evaluation.METRICS`."""
     rows = []
-    for record_file in sorted(Path(output_dir).glob("runs/*/run.json")):
-        record = json.loads(record_file.read_text())
-        with open(record_file.parent / "test" / "metrics.csv", newline="") as f:
+    for folder, record in _records(output_dir).items():
+        with open(folder / "test" / "metrics.csv", newline="") as f:
             for row in csv.DictReader(f):
                 rows.append(
                     {
@@ -325,17 +328,14 @@ def summarise_runs(rows: Sequence[dict], reference: str = REFERENCE) -> list[dic
             against = (reference, ratios_with_reference[0])
         entry["compared_with"] = None if against is None else {"method": against[0], "ratio": against[1]}
         for metric in METRICS:
-            per_case = np.array(list(_per_case(rows, method, ratio, metric).values()))
-            finite = per_case[np.isfinite(per_case)]
+            per_case = list(_per_case(rows, method, ratio, metric).values())
             seed_means = [
                 float(np.nanmean([r[metric] for r in rows if (r["method"], r["ratio"], r["seed"]) == (method, ratio, s)]))
                 for s in seeds
             ]
             stats: dict[str, Any] = {
-                "mean": float(finite.mean()) if finite.size else math.nan,
-                "std": float(finite.std()) if finite.size else math.nan,
-                "num_cases": int(per_case.size),
-                "num_undefined": int(per_case.size - finite.size),
+                **summarise([{metric: v} for v in per_case], [metric])[metric],  # mean, std, num_undefined
+                "num_cases": len(per_case),
                 "seed_means": seed_means,
             }
             if against is not None:
@@ -396,10 +396,9 @@ def write_reports(output_dir: str | os.PathLike, reference: str = REFERENCE) -> 
         writer.writeheader()
         writer.writerows(rows)
     summary = summarise_runs(rows, reference)
-    records = {json.loads(p.read_text())["name"]: json.loads(p.read_text()) for p in root.glob("runs/*/run.json")}
     timing = {
-        name: {k: r.get(k) for k in ("train_seconds", "evaluate_seconds", "threads", "overrides")}
-        for name, r in sorted(records.items())
+        r["name"]: {k: r.get(k) for k in ("train_seconds", "evaluate_seconds", "threads", "overrides")}
+        for r in _records(root).values()
     }
     paths["summary"].write_text(json.dumps({"reference": reference, "groups": summary, "runs": timing}, indent=2))
     paths["table"].write_text(markdown_table(summary))

@@ -15,6 +15,7 @@ predictions against the reference on test cases. Each function reads the benchma
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -187,8 +188,6 @@ def overlays(
         raise FileNotFoundError(f"no finished run under {root / 'runs'}")
     files = _case_files(dataset_dir)
     first = root / "runs" / names[0] / "test" / "metrics.csv"
-    import csv
-
     with open(first, newline="") as f:
         scored = sorted((float(r["dice"]), r["case"]) for r in csv.DictReader(f) if r["case"] in files)
     if not scored:
