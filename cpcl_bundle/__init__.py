@@ -14,11 +14,35 @@ Xu et al., "All-Around Real Label Supervision: Cyclic Prototype Consistency Lear
 Medical Image Segmentation", IEEE JBHI 26(7), 2022.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 BUNDLE_NAME = "cpcl_kidney_ct_segmentation"
 """The bundle's name (zoo folder and zip name, MONAI Label model name). "segmentation" in it makes MONAI Label
 treat it as a segmentation model; a bundle name must not contain "_v" (the zoo splits versions on it)."""
 
-from cpcl_bundle import benchmark, data, evaluation, handlers, losses, methods, networks, plots, prototypes, resume, trainer, transforms, validation  # noqa: E402
+import importlib  # noqa: E402
 
-__all__ = ["BUNDLE_NAME", "__version__", "benchmark", "data", "evaluation", "handlers", "losses", "methods", "networks", "plots", "prototypes", "resume", "trainer", "transforms", "validation"]
+_SUBMODULES = (
+    "benchmark",
+    "data",
+    "evaluation",
+    "handlers",
+    "losses",
+    "methods",
+    "networks",
+    "plots",
+    "prepare",
+    "prototypes",
+    "resume",
+    "trainer",
+    "transforms",
+    "validation",
+)
+__all__ = ["BUNDLE_NAME", "__version__", *_SUBMODULES]
+
+
+def __getattr__(name: str):
+    """Submodules load on first use (PEP 562): ``$import cpcl_bundle`` then ``cpcl_bundle.data...`` in a config
+    works as before, and the preparation scripts start without importing torch and MONAI."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f"cpcl_bundle.{name}")
+    raise AttributeError(f"module 'cpcl_bundle' has no attribute {name!r}")

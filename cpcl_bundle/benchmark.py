@@ -88,27 +88,36 @@ def _pct(ratio: float) -> str:
 
 @dataclass(frozen=True)
 class Run:
-    """One cell of the grid: a method (or a :data:`VARIANTS` name) at a label ratio and seed."""
+    """One cell of the grid: a method (or a :data:`VARIANTS` name) at a label ratio, or at a number of labeled
+    cases (``num_labeled``, as the Left Atrium literature reports: 8 or 16 cases), and a seed."""
 
     method: str
-    ratio: float
+    ratio: float | None
     seed: int
+    num_labeled: int | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.method}_{_pct(self.ratio)}pct_seed{self.seed}"
+        amount = f"{self.num_labeled}lab" if self.num_labeled is not None else f"{_pct(self.ratio)}pct"
+        return f"{self.method}_{amount}_seed{self.seed}"
 
     def overrides(self) -> dict[str, Any]:
-        """The bundle ids this run sets (on top of the benchmark's common overrides)."""
+        """The bundle ids this run sets (on top of the benchmark's common overrides). Both label settings are
+        set, so that a preset's own (e.g. la2018's ``num_labeled``) never overrides the grid's."""
         base = dict(VARIANTS.get(self.method, {"method": self.method}))
-        return {**base, "labeled_ratio": self.ratio, "seed": self.seed}
+        return {**base, "labeled_ratio": self.ratio, "num_labeled": self.num_labeled, "seed": self.seed}
 
 
 def plan(
-    methods: Sequence[str], ratios: Sequence[float], seeds: Sequence[int], full_supervised: bool = True
+    methods: Sequence[str],
+    ratios: Sequence[float],
+    seeds: Sequence[int],
+    full_supervised: bool = True,
+    labeled: Sequence[int] = (),
 ) -> list[Run]:
-    """The grid: every method at every ratio and seed, plus (``full_supervised``) ``supervised`` at 100 %
-    per seed, the paper's upper bound. Unknown names fail here, before anything runs."""
+    """The grid: every method at every ratio (and every number of ``labeled`` cases) and seed, plus
+    (``full_supervised``) ``supervised`` at 100 % per seed, the paper's upper bound. Unknown names fail here,
+    before anything runs."""
     known = set(METHODS) | set(VARIANTS)
     unknown = [m for m in methods if m not in known]
     if unknown:
@@ -116,7 +125,10 @@ def plan(
     bad = [r for r in ratios if not 0 < float(r) <= 1]
     if bad:
         raise ValueError(f"label ratios must be in (0, 1], got {bad}")
+    if any(int(n) < 1 for n in labeled):
+        raise ValueError(f"numbers of labeled cases must be at least 1, got {list(labeled)}")
     runs = [Run(m, float(r), int(s)) for r in ratios for m in methods for s in seeds]
+    runs += [Run(m, None, int(s), int(n)) for n in labeled for m in methods for s in seeds]
     if full_supervised:
         runs += [Run("supervised", 1.0, int(s)) for s in seeds]
     return list(dict.fromkeys(runs))
@@ -156,9 +168,12 @@ def _follow(
     command: list[str], log: Path, env: dict[str, str], on_step: Callable[[int], None], cwd: Path | None = None
 ) -> int:
     """Run ``command`` with its output in ``log``; call ``on_step(global_step)`` for every StatsHandler line."""
-    with open(log, "a") as out, subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1, cwd=cwd
-    ) as process:
+    with (
+        open(log, "a") as out,
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1, cwd=cwd
+        ) as process,
+    ):
         assert process.stdout is not None
         for line in process.stdout:
             out.write(line)
@@ -175,6 +190,7 @@ def _run_one(
     threads: int,
     steps: _Progress,
     max_iterations: int,
+    presets: Sequence[str] = (),
 ) -> dict[str, Any]:
     folder = root / "runs" / run.name
     models, evaluation, test = folder / "models", folder / "eval", folder / "test"
@@ -183,7 +199,7 @@ def _run_one(
     if any((evaluation / "checkpoints").glob("resume_checkpoint_*.pt")):
         overrides["resume"] = True  # an interrupted run goes on from its last checkpoint
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    train = bundle_command([str(config_dir / "train.json")], overrides, "training")
+    train = bundle_command([str(config_dir / "train.json"), *presets], overrides, "training")
     done = [0]
 
     def on_step(step: int) -> None:
@@ -196,15 +212,23 @@ def _run_one(
     steps.add(max_iterations - done[0])
     train_s = time.perf_counter() - start
     evaluate_overrides = {k: v for k, v in overrides.items() if k != "resume"} | {"output_dir": str(test)}
-    evaluate = bundle_command([str(config_dir / "train.json"), str(config_dir / "evaluate.json")], evaluate_overrides)
+    evaluate = bundle_command(
+        [str(config_dir / "train.json"), str(config_dir / "evaluate.json"), *presets], evaluate_overrides
+    )
     start = time.perf_counter()
     if _follow(evaluate, folder / "evaluate.log", env, lambda step: None, config_dir.parent) != 0:
         raise RuntimeError(f"evaluation of {run.name} failed: see {folder / 'evaluate.log'}")
+    ratio = run.ratio
+    if run.num_labeled is not None:  # the fraction this count is of the training split, for the tables
+        split = json.loads((evaluation / "split.json").read_text())
+        ratio = split["num_labeled"] / split["num_training"]
     record = {
         "name": run.name,
         "method": run.method,
-        "ratio": run.ratio,
+        "ratio": ratio,
         "seed": run.seed,
+        **({} if run.num_labeled is None else {"num_labeled": run.num_labeled}),
+        "presets": list(presets),
         "overrides": overrides,
         "train_command": train,
         "evaluate_command": evaluate,
@@ -226,10 +250,12 @@ def run_grid(
     config_dir: str | os.PathLike = "configs",
     jobs: int = 1,
     threads: int | None = None,
+    presets: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Train and evaluate every run not finished yet, ``jobs`` at a time with ``threads`` each (default: the
-    CPU count shared out); a bar shows runs, another the training steps of all runs. Returns ``run.json``
-    records of all runs (finished ones read back)."""
+    CPU count shared out), with the config files ``presets`` merged after train.json (and evaluate.json); a
+    bar shows runs, another the training steps of all runs. Returns ``run.json`` records of all runs (finished
+    ones read back)."""
     from tqdm import tqdm
 
     root = Path(output_dir)
@@ -238,13 +264,14 @@ def run_grid(
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
     finished = {r.name for r in runs if (root / "runs" / r.name / "run.json").is_file()}
     todo = [r for r in runs if r.name not in finished]
-    with tqdm(total=len(runs), initial=len(finished), desc="runs", unit="run", position=0) as run_bar, tqdm(
-        total=len(todo) * max_iterations, desc="steps", unit="step", position=1
-    ) as step_bar:
+    with (
+        tqdm(total=len(runs), initial=len(finished), desc="runs", unit="run", position=0) as run_bar,
+        tqdm(total=len(todo) * max_iterations, desc="steps", unit="step", position=1) as step_bar,
+    ):
         steps = _Progress(step_bar.update)
 
         def one(run: Run) -> dict[str, Any]:
-            record = _run_one(run, root, common, config_dir, threads, steps, max_iterations)
+            record = _run_one(run, root, common, config_dir, threads, steps, max_iterations, presets)
             run_bar.update(1)
             run_bar.set_postfix_str(run.name)
             return record
@@ -274,6 +301,7 @@ def collect(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
                         "run": record["name"],
                         "method": record["method"],
                         "ratio": float(record["ratio"]),
+                        "num_labeled": record.get("num_labeled"),
                         "seed": int(record["seed"]),
                         "case": row["case"],
                         **{m: float(row[m]) if row[m] not in ("", "nan") else math.nan for m in METRICS},
@@ -318,6 +346,8 @@ def summarise_runs(rows: Sequence[dict], reference: str = REFERENCE) -> list[dic
     summary = []
     for method, ratio in groups:
         entry: dict[str, Any] = {"method": method, "ratio": ratio}
+        counts = {r.get("num_labeled") for r in rows if (r["method"], r["ratio"]) == (method, ratio)}
+        entry["num_labeled"] = counts.pop() if len(counts) == 1 else None
         seeds = sorted({r["seed"] for r in rows if r["method"] == method and r["ratio"] == ratio})
         entry["seeds"] = seeds
         if method == reference or not ratios_with_reference:
@@ -330,7 +360,9 @@ def summarise_runs(rows: Sequence[dict], reference: str = REFERENCE) -> list[dic
         for metric in METRICS:
             per_case = list(_per_case(rows, method, ratio, metric).values())
             seed_means = [
-                float(np.nanmean([r[metric] for r in rows if (r["method"], r["ratio"], r["seed"]) == (method, ratio, s)]))
+                float(
+                    np.nanmean([r[metric] for r in rows if (r["method"], r["ratio"], r["seed"]) == (method, ratio, s)])
+                )
                 for s in seeds
             ]
             stats: dict[str, Any] = {
@@ -379,7 +411,10 @@ def markdown_table(summary: Sequence[dict[str, Any]], alpha: float = 0.05) -> st
             if (e["ratio"], metric) in best and e[metric]["mean"] == best[(e["ratio"], metric)]:
                 text = f"**{text}**"
             cells.append(text)
-        lines.append(f"| {e['method']} | {_pct(e['ratio'])}% | " + " | ".join(cells) + " |")
+        labeled = f"{_pct(e['ratio'])}%"
+        if e.get("num_labeled") is not None:
+            labeled = f"{e['num_labeled']} ({100 * e['ratio']:.3g}%)"
+        lines.append(f"| {e['method']} | {labeled} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -95,7 +95,7 @@ def load_datalist(path: str | os.PathLike, base_dir: str | os.PathLike | None = 
     return out
 
 
-def ensure_dataset(dataset_dir: str | os.PathLike, generate: bool = True, **generator_options: Any) -> Path:
+def ensure_dataset(dataset_dir: str | os.PathLike, generate: Any = True, **generator_options: Any) -> Path:
     """The datalist of ``dataset_dir``, generating the embedded phantom data set there on first use.
 
     ``<dataset_dir>/dataset.json`` is used when it exists. Otherwise, if ``dataset_dir`` does not exist or is
@@ -103,6 +103,9 @@ def ensure_dataset(dataset_dir: str | os.PathLike, generate: bool = True, **gene
     (:func:`cpcl_bundle.synthetic.generate_dataset`). A folder that holds other files but no datalist is
     never written into: that is an error saying what to add.
     """
+    from cpcl_bundle.validation import as_bool
+
+    generate = as_bool(generate, "generate_data")
     folder = Path(dataset_dir)
     datalist = folder / DATALIST_NAME
     if datalist.is_file():
@@ -118,7 +121,10 @@ def ensure_dataset(dataset_dir: str | os.PathLike, generate: bool = True, **gene
             "folder to generate the embedded phantom data set"
         )
     if not generate:
-        raise FileNotFoundError(f"no {DATALIST_NAME} in {folder} and generation is off")
+        raise FileNotFoundError(
+            f"{folder}: no {DATALIST_NAME} (this preset's data is not generated: prepare it first with "
+            "scripts/prepare_<data set>.py --dataset_dir, see docs/README.md 'Presets')"
+        )
     from tqdm import tqdm
 
     from cpcl_bundle.synthetic import generate_dataset
@@ -204,8 +210,15 @@ def semi_supervised_split(
 
 
 @functools.lru_cache(maxsize=8)
-def _split_of(dataset_dir: str, labeled_ratio: float | None, num_labeled: int | None, seed: int, output_dir: str | None):
-    datalist = load_datalist(ensure_dataset(dataset_dir))
+def _split_of(
+    dataset_dir: str,
+    labeled_ratio: float | None,
+    num_labeled: int | None,
+    seed: int,
+    output_dir: str | None,
+    generate: bool = True,
+):
+    datalist = load_datalist(ensure_dataset(dataset_dir, generate=generate))
     return semi_supervised_split(datalist, labeled_ratio, num_labeled, seed, output_dir)
 
 
@@ -215,12 +228,13 @@ def labeled_data(
     num_labeled: int | None = None,
     seed: int = 0,
     output_dir: str | os.PathLike | None = None,
+    generate: bool = True,
 ) -> list[dict]:
-    """The labeled stream of ``dataset_dir``'s datalist (generated on first use), split as
-    :func:`semi_supervised_split` does; the split is computed once per arguments and written to
-    ``output_dir``."""
+    """The labeled stream of ``dataset_dir``'s datalist (the phantoms generated on first use when
+    ``generate``), split as :func:`semi_supervised_split` does; the split is computed once per arguments and
+    written to ``output_dir``."""
     out = None if output_dir is None else str(output_dir)
-    return list(_split_of(str(dataset_dir), labeled_ratio, num_labeled, int(seed), out)["labeled"])
+    return list(_split_of(str(dataset_dir), labeled_ratio, num_labeled, int(seed), out, generate)["labeled"])
 
 
 def sibling_images(labeled: list[dict]) -> list[dict]:
@@ -249,6 +263,7 @@ def unlabeled_data(
     seed: int = 0,
     output_dir: str | os.PathLike | None = None,
     min_count: int = 1,
+    generate: bool = True,
 ) -> list[dict]:
     """The unlabeled stream that goes with ``labeled`` (``train#dataset#data``).
 
@@ -262,7 +277,7 @@ def unlabeled_data(
     root = os.path.realpath(dataset_dir)
     if labeled and all(os.path.realpath(item["image"]).startswith(root + os.sep) for item in labeled):
         out = None if output_dir is None else str(output_dir)
-        found = list(_split_of(str(dataset_dir), labeled_ratio, num_labeled, int(seed), out)["unlabeled"])
+        found = list(_split_of(str(dataset_dir), labeled_ratio, num_labeled, int(seed), out, generate)["unlabeled"])
         source = f"the split of {dataset_dir}"
     else:
         found = sibling_images(labeled)

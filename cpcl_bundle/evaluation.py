@@ -12,7 +12,18 @@
 
 Metrics are computed in each case's original geometry (the prediction is inverted back to the input grid,
 the reference label is read from its file unchanged), distances in millimetres from the file's affine.
-They use MONAI's metric functions.
+
+Two definitions of the distances are available (``definition``):
+
+* ``"paper"`` (default): the definitions of ``medpy.metric.binary`` (``hd95``, ``asd``), which the code bases
+  behind the CPCL paper's tables (UA-MT, SSL4MIS) use: 95HD is the 95th percentile of the surface distances of
+  both directions pooled together, ASD the mean distance from the prediction's surface to the reference's (one
+  direction). Implemented here with numpy/scipy (:func:`surface_distances`, :func:`hd95_paper`,
+  :func:`asd_paper`); medpy is needed only by the tests that compare with it.
+* ``"monai"``: MONAI's metric functions: 95HD is the larger of the two directed 95th percentiles, ASD is
+  symmetric (the mean over both directions' distances).
+
+Dice and Jaccard are the same under both.
 """
 
 from __future__ import annotations
@@ -28,17 +39,26 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.metrics import (
-    compute_average_surface_distance,
-    compute_dice,
-    compute_hausdorff_distance,
-    compute_iou,
-)
+from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance, compute_iou
 from monai.transforms import LoadImage
+from scipy import ndimage
 
-__all__ = ["METRICS", "case_metrics", "spacing_of", "summarise", "SegmentationMetricsWriter"]
+__all__ = [
+    "map_labels",
+    "METRICS",
+    "DEFINITIONS",
+    "case_metrics",
+    "surface_distances",
+    "hd95_paper",
+    "asd_paper",
+    "spacing_of",
+    "summarise",
+    "SegmentationMetricsWriter",
+]
 
 METRICS = ("dice", "jaccard", "hd95_mm", "asd_mm")
+DEFINITIONS = ("paper", "monai")
+"""Allowed values of ``definition``: the paper's distances (medpy's, default) or MONAI's."""
 
 
 def spacing_of(affine: Any) -> tuple[float, ...]:
@@ -48,15 +68,134 @@ def spacing_of(affine: Any) -> tuple[float, ...]:
     return tuple(float(np.linalg.norm(a[:n, i])) for i in range(n))
 
 
-def case_metrics(pred: torch.Tensor, label: torch.Tensor, spacing: Sequence[float], foreground: int = 1) -> dict:
-    """Dice, Jaccard, HD95 (mm), ASD (mm, symmetric) of class ``foreground`` for one case.
+def _check_definition(definition: str) -> str:
+    if definition not in DEFINITIONS:
+        raise ValueError(f"unknown metric definition {definition!r}: use one of {', '.join(map(repr, DEFINITIONS))}")
+    return definition
+
+
+def _as_mask(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x).astype(bool)
+
+
+def _spacing(spacing: Sequence[float] | float | None, ndim: int) -> np.ndarray:
+    if spacing is None:
+        return np.ones(ndim, dtype=np.float64)
+    s = np.atleast_1d(np.asarray(spacing, dtype=np.float64))
+    if s.size == 1:
+        s = np.repeat(s, ndim)
+    if s.shape != (ndim,):
+        raise ValueError(f"spacing {tuple(s.tolist())} does not match {ndim} dimensions")
+    return s
+
+
+def _border(mask: np.ndarray) -> np.ndarray:
+    """The mask's one-voxel surface: the voxels that a face-connected (connectivity 1) erosion removes."""
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask ^ ndimage.binary_erosion(mask, structure=structure, iterations=1)
+
+
+def _crop_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks cropped to their joint bounding box plus one voxel (clipped to the volume).
+
+    The surfaces and the distances between them are unchanged by the crop: every surface voxel is inside the
+    box, the voxels around the box are background in both masks, and where the box meets the volume's edge the
+    erosion sees the same (background) border as on the whole volume.
+    """
+    union = a | b
+    box = []
+    for axis in range(union.ndim):
+        others = tuple(i for i in range(union.ndim) if i != axis)
+        hits = np.flatnonzero(union.any(axis=others))
+        box.append(slice(max(int(hits[0]) - 1, 0), min(int(hits[-1]) + 2, union.shape[axis])))
+    return a[tuple(box)], b[tuple(box)]
+
+
+def _directed(from_border: np.ndarray, to_border: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    # the Euclidean distance transform measures the distance to the nearest zero: invert the target surface
+    return ndimage.distance_transform_edt(~to_border, sampling=spacing)[from_border]
+
+
+def _check_pair(a: Any, b: Any, spacing: Sequence[float] | float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    a, b = _as_mask(a), _as_mask(b)
+    if a.shape != b.shape:
+        raise ValueError(f"masks {a.shape} and {b.shape} are not on the same grid")
+    if not a.any() or not b.any():
+        raise ValueError("surface distances are undefined: a mask has no foreground")
+    return a, b, _spacing(spacing, a.ndim)
+
+
+def surface_distances(a: Any, b: Any, spacing: Sequence[float] | float | None = None) -> np.ndarray:
+    """Distances (in the units of ``spacing``, e.g. mm) from each surface voxel of ``a`` to the surface of ``b``.
+
+    The definition of ``medpy.metric.binary.__surface_distances`` (medpy 0.5.2, connectivity 1), on which the
+    paper's 95HD and ASD are built: a mask's surface is ``mask ^ binary_erosion(mask, generate_binary_structure
+    (ndim, 1))`` (objects touching the volume's edge have a surface there), and the distances are
+    ``distance_transform_edt(~surface_b, sampling=spacing)`` read at the surface voxels of ``a``.
+
+    Args:
+        a, b: binary masks (numpy arrays or tensors, nonzero = foreground) on the same grid.
+        spacing: voxel size along each axis (a scalar for all axes; ``None``: 1, i.e. voxel units).
+
+    Raises:
+        ValueError: if the masks differ in shape, or either has no foreground.
+    """
+    a, b, s = _check_pair(a, b, spacing)
+    a, b = _crop_pair(a, b)
+    return _directed(_border(a), _border(b), s)
+
+
+def _paper_distances(a: Any, b: Any, spacing: Sequence[float] | float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Both directed surface distances (a->b, b->a), from one crop and one erosion of each mask."""
+    a, b, s = _check_pair(a, b, spacing)
+    a, b = _crop_pair(a, b)
+    border_a, border_b = _border(a), _border(b)
+    return _directed(border_a, border_b, s), _directed(border_b, border_a, s)
+
+
+def hd95_paper(pred: Any, reference: Any, spacing: Sequence[float] | float | None = None) -> float:
+    """95 % Hausdorff distance as in the paper's tables: ``medpy.metric.binary.hd95``.
+
+    The 95th percentile (numpy's linear interpolation) of the surface distances of both directions pooled
+    together (``pred -> reference`` and ``reference -> pred`` concatenated), as used by the UA-MT and SSL4MIS
+    code bases whose evaluation the CPCL paper follows. MONAI's ``compute_hausdorff_distance(percentile=95)``
+    instead takes the larger of the two directed 95th percentiles (usually, not always, the larger value).
+    Symmetric in its arguments. See :func:`surface_distances` for the surfaces and ``spacing``.
+    """
+    forward, backward = _paper_distances(pred, reference, spacing)
+    return float(np.percentile(np.concatenate((forward, backward)), 95))
+
+
+def asd_paper(pred: Any, reference: Any, spacing: Sequence[float] | float | None = None) -> float:
+    """Average surface distance as in the paper's tables: ``medpy.metric.binary.asd``.
+
+    The mean distance from the surface voxels of ``pred`` to the surface of ``reference`` (one direction,
+    not symmetric), as used by the UA-MT and SSL4MIS code bases whose evaluation the CPCL paper follows
+    (``asd(prediction, ground_truth)``). MONAI's ``compute_average_surface_distance(symmetric=True)`` instead
+    averages over the distances of both directions. See :func:`surface_distances` for the surfaces and
+    ``spacing``.
+    """
+    return float(surface_distances(pred, reference, spacing).mean())
+
+
+def case_metrics(
+    pred: torch.Tensor, label: torch.Tensor, spacing: Sequence[float], foreground: int = 1, definition: str = "paper"
+) -> dict:
+    """Dice, Jaccard, HD95 (mm), ASD (mm) of class ``foreground`` for one case.
 
     Args:
         pred, label: class-index volumes ``[*S]`` or ``[1, *S]`` on the same grid.
         spacing: voxel size in mm along each axis of ``S``.
+        foreground: the class whose mask is scored.
+        definition: ``"paper"`` (default): 95HD and ASD as ``medpy.metric.binary`` defines them, as in the
+            paper's tables (:func:`hd95_paper`: pooled 95th percentile; :func:`asd_paper`: prediction to
+            reference only); ``"monai"``: MONAI's (larger of the directed 95th percentiles; symmetric ASD).
 
     Distances are NaN when the prediction or the reference has no foreground (undefined).
     """
+    _check_definition(definition)
     p = torch.as_tensor(pred).squeeze()
     y = torch.as_tensor(label).squeeze()
     if p.shape != y.shape:
@@ -71,10 +210,25 @@ def case_metrics(pred: torch.Tensor, label: torch.Tensor, spacing: Sequence[floa
         out.update(hd95_mm=math.nan, asd_mm=math.nan)
         return out
     spacing = [float(s) for s in spacing]
+    if definition == "paper":
+        forward, backward = _paper_distances(p[0, 0] > 0, y[0, 0] > 0, spacing)
+        out["hd95_mm"] = float(np.percentile(np.concatenate((forward, backward)), 95))
+        out["asd_mm"] = float(forward.mean())
+        return out
     out["hd95_mm"] = float(compute_hausdorff_distance(p, y, include_background=True, percentile=95, spacing=spacing))
     out["asd_mm"] = float(
         compute_average_surface_distance(p, y, include_background=True, symmetric=True, spacing=spacing)
     )
+    return out
+
+
+def map_labels(label: torch.Tensor, mapping: dict[int, int]) -> torch.Tensor:
+    """``label`` with each file value ``k`` replaced by ``mapping[k]`` (values not in it unchanged), same type
+    and meta data (a MetaTensor keeps its affine)."""
+    out = label.clone()
+    for source, target in mapping.items():
+        if source != target:
+            out[label == source] = target
     return out
 
 
@@ -106,9 +260,12 @@ class SegmentationMetricsWriter:
     After each iteration it takes the decollated outputs, whose ``pred_key`` must already be a class-index
     prediction inverted to the input's original grid (``Invertd`` then ``AsDiscreted(argmax=True)``), reads
     the reference label from the file named in ``label_key``'s meta data (unchanged, as the file stores it)
-    and computes :func:`case_metrics`. When the run completes it writes ``<output_dir>/<csv_name>`` (one row
-    per case) and ``<output_dir>/<summary_name>`` (mean, std per metric). With ``save_dir``, each prediction
-    is also written there as ``<case>_seg.nii.gz`` (uint8, the reference label's grid and affine).
+    and computes :func:`case_metrics` with ``definition`` (``"paper"``, default, or ``"monai"``). When the run
+    completes it writes ``<output_dir>/<csv_name>`` (one row per case) and ``<output_dir>/<summary_name>``
+    (mean, std per metric, and ``"metric_definition"``: which definition of the distances was used). With
+    ``save_dir``, each prediction is also written there as ``<case>_seg.nii.gz`` (uint8, the reference label's
+    grid and affine). ``label_mapping`` (a preset's ``{"file value": class}``, e.g. KiTS19's kidney = 1 and 2)
+    maps the reference file's values to the classes the network predicts before scoring.
     """
 
     def __init__(
@@ -120,12 +277,16 @@ class SegmentationMetricsWriter:
         summary_name: str = "metrics_summary.json",
         foreground: int = 1,
         save_dir: str | os.PathLike | None = None,
+        definition: str = "paper",
+        label_mapping: dict | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.label_mapping = None if label_mapping is None else {int(k): int(v) for k, v in label_mapping.items()}
         self.save_dir = None if save_dir is None else Path(save_dir)
         self.pred_key, self.label_key = pred_key, label_key
         self.csv_name, self.summary_name = csv_name, summary_name
         self.foreground = foreground
+        self.definition = _check_definition(definition)
         self.rows: list[dict] = []
         self._load = LoadImage(image_only=True, ensure_channel_first=False)
 
@@ -150,9 +311,11 @@ class SegmentationMetricsWriter:
         for item in outputs:
             path = self._label_path(item)
             reference = self._load(path)
+            if self.label_mapping is not None:
+                reference = map_labels(reference, self.label_mapping)
             pred = item[self.pred_key]
             try:
-                row = case_metrics(pred, reference, spacing_of(reference.affine), self.foreground)
+                row = case_metrics(pred, reference, spacing_of(reference.affine), self.foreground, self.definition)
             except ValueError as e:
                 raise ValueError(f"{path}: {e}") from e
             image_meta = getattr(item.get("image"), "meta", None) or {}
@@ -175,9 +338,9 @@ class SegmentationMetricsWriter:
             writer = csv.DictWriter(f, fieldnames=["case", *METRICS])
             writer.writeheader()
             writer.writerows(self.rows)
-        summary = summarise(self.rows)
+        summary = {**summarise(self.rows), "metric_definition": self.definition}
         (self.output_dir / self.summary_name).write_text(json.dumps(summary, indent=2))
         engine.logger.info(
-            "test metrics: "
+            f"test metrics ({self.definition} definition of 95HD/ASD): "
             + ", ".join(f"{m} {summary[m]['mean']:.4f} ({summary[m]['std']:.4f})" for m in METRICS)
         )

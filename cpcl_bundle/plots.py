@@ -166,7 +166,8 @@ def _case_files(dataset_dir: str | os.PathLike) -> dict[str, tuple[str, str | No
     from cpcl_bundle.evaluation import _case_id
 
     datalist = load_datalist(Path(dataset_dir) / "dataset.json")
-    return {_case_id(item["image"]): (item["image"], item.get("label")) for item in datalist.get("test", [])}
+    items = [item for key in ("test", "validation") for item in datalist.get(key, [])]  # what may be evaluated
+    return {_case_id(item["image"]): (item["image"], item.get("label")) for item in items}
 
 
 def overlays(
@@ -175,11 +176,12 @@ def overlays(
     path: str | os.PathLike,
     runs: Sequence[str] | None = None,
     num_cases: int = 3,
-    hu_window: tuple[float, float] = (-75.0, 175.0),
+    hu_window: tuple[float, float] | None = (-75.0, 175.0),
 ) -> Path:
     """Prediction (red) against the reference (green) on the axial slice with the most reference foreground,
-    for ``num_cases`` test cases (the lowest, the median and the highest Dice of the first run) and the given
-    ``runs`` (default: every finished run), from the predictions evaluation saved."""
+    for ``num_cases`` evaluated cases (the lowest, the median and the highest Dice of the first run) and the
+    given ``runs`` (default: every finished run), from the predictions evaluation saved. The slice is shown in
+    ``hu_window`` (CT), or between its 1st and 99th percentiles when that is None (MRI)."""
     import nibabel as nib
 
     root = Path(output_dir)
@@ -205,7 +207,8 @@ def overlays(
         image = np.asarray(nib.load(image_file).dataobj, dtype=np.float32)
         label = np.asarray(nib.load(label_file).dataobj) > 0 if label_file else np.zeros(image.shape, bool)
         z = int(label.sum((0, 1)).argmax())
-        shown = np.clip((image[:, :, z] - hu_window[0]) / (hu_window[1] - hu_window[0]), 0, 1)
+        low, high = hu_window if hu_window is not None else np.percentile(image[:, :, z], (1, 99))
+        shown = np.clip((image[:, :, z] - low) / max(float(high - low), 1e-6), 0, 1)
         for col, name in enumerate(names):
             ax = axes[row, col]
             ax.imshow(_display(shown), cmap="gray")
@@ -222,5 +225,5 @@ def overlays(
                 ax.set_title(name, fontsize=8)
             if col == 0:
                 ax.set_ylabel(case, fontsize=8)
-    fig.suptitle("test cases: reference (green) and prediction (red)", fontsize=10)
+    fig.suptitle("evaluated cases: reference (green) and prediction (red)", fontsize=10)
     return _save(fig, path)

@@ -21,14 +21,17 @@ import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a checkpoint is read: the preparation scripts start without it
+    import torch
 
 __all__ = [
     "as_bool",
     "InputError",
+    "label_values",
     "check_case",
     "check_cases",
     "check_writable",
@@ -66,13 +69,24 @@ def _load(path: str):
     return np.asarray(img), np.asarray(img.affine, dtype=np.float64)
 
 
+def label_values(num_classes: int = 2, label_mapping: dict | None = None) -> dict[int, int]:
+    """The label file values a run accepts, each with the class it becomes: ``label_mapping`` (a preset's
+    ``{"file value": class}``, keys may be text as JSON has them) or, without one, ``0 .. num_classes - 1``
+    as they are. A mapping onto a class outside ``0 .. num_classes - 1`` is a configuration error."""
+    if label_mapping is None:
+        return {v: v for v in range(int(num_classes))}
+    mapping = {int(k): int(v) for k, v in dict(label_mapping).items()}
+    wrong = {k: v for k, v in mapping.items() if not 0 <= v < num_classes}
+    if wrong:
+        raise InputError([f"label_mapping {wrong} maps onto classes outside 0..{num_classes - 1} (the classes)"])
+    return mapping
+
+
 def check_case(
-    item: dict,
-    num_classes: int = 2,
-    in_channels: int = 1,
-    check_values: bool = True,
+    item: dict, num_classes: int = 2, in_channels: int = 1, check_values: bool = True, label_mapping: dict | None = None
 ) -> list[str]:
-    """Problems of one datalist entry (``{"image": path, "label": path?}``), as ``"<file>: <cause>"`` lines."""
+    """Problems of one datalist entry (``{"image": path, "label": path?}``), as ``"<file>: <cause>"`` lines.
+    Label values must be those of :func:`label_values` (``label_mapping``'s keys when given)."""
     problems: list[str] = []
     image_path, label_path = item.get("image"), item.get("label")
     for kind, path in (("image", image_path), ("label", label_path)):
@@ -104,19 +118,24 @@ def check_case(
     elif not np.allclose(label_affine, image_affine, atol=1e-3):
         problems.append(f"{label_path}: label affine differs from the image's ({image_path}): not on the same grid")
     if check_values:
+        accepted = label_values(num_classes, label_mapping)
         values = np.unique(label)
-        bad = [v for v in values.tolist() if not float(v).is_integer() or not 0 <= v < num_classes]
+        bad = [v for v in values.tolist() if not float(v).is_integer() or int(v) not in accepted]
         bad = [int(v) if float(v).is_integer() else v for v in bad]
-        if bad:
+        if bad and label_mapping is None:
             problems.append(f"{label_path}: label values {bad[:5]} outside the classes 0..{num_classes - 1}")
+        elif bad:
+            problems.append(f"{label_path}: label values {bad[:5]} are not mapped by label_mapping {sorted(accepted)}")
     return problems
 
 
-def check_cases(items: Iterable[dict], num_classes: int = 2, in_channels: int = 1) -> list[str]:
+def check_cases(
+    items: Iterable[dict], num_classes: int = 2, in_channels: int = 1, label_mapping: dict | None = None
+) -> list[str]:
     """Problems of every entry."""
     problems: list[str] = []
     for item in items:
-        problems += check_case(item, num_classes, in_channels)
+        problems += check_case(item, num_classes, in_channels, label_mapping=label_mapping)
     return problems
 
 
@@ -134,13 +153,15 @@ def check_writable(folder: str | os.PathLike) -> list[str]:
 
 def check_checkpoint(path: str | os.PathLike, network: torch.nn.Module) -> None:
     """Raise :class:`InputError` unless ``path`` is a state dict that fits ``network`` exactly."""
+    import torch
+
     path = str(path)
     if not os.path.isfile(path):
         raise InputError([f"{path}: checkpoint does not exist (train first, or set load_pretrain to false)"])
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise InputError([f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})"])
+        raise InputError([f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})"]) from e
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     expected = network.state_dict()
@@ -163,6 +184,7 @@ def preflight(
     num_classes: int = 2,
     in_channels: int = 1,
     needs_unlabeled: bool = False,
+    label_mapping: dict | None = None,
 ) -> None:
     """Check every case and output folder of a training run before it starts; raise one :class:`InputError`
     listing every problem. Returns ``None`` when all is well."""
@@ -173,14 +195,17 @@ def preflight(
         problems.append("no labeled training cases")
     if needs_unlabeled and not unlabeled:
         problems.append("the method needs unlabeled images and there are none")
-    problems += check_cases(labeled, num_classes, in_channels)
-    problems += check_cases(unlabeled, num_classes, in_channels)
-    problems += check_cases(validation, num_classes, in_channels)
+    label_values(num_classes, label_mapping)  # the mapping itself first: a config error names no case
+    problems += check_cases(labeled, num_classes, in_channels, label_mapping)
+    problems += check_cases(unlabeled, num_classes, in_channels, label_mapping)
+    problems += check_cases(validation, num_classes, in_channels, label_mapping)
     if problems:
         raise InputError(problems)
 
 
-def preflight_inference(items: Sequence[dict], output_dirs: Sequence[str | os.PathLike] = (), in_channels: int = 1) -> None:
+def preflight_inference(
+    items: Sequence[dict], output_dirs: Sequence[str | os.PathLike] = (), in_channels: int = 1
+) -> None:
     """Check the images to segment (exist, readable, channels, finite) and the output folder."""
     problems: list[str] = []
     for folder in output_dirs:

@@ -46,11 +46,24 @@ from cpcl_bundle.validation import as_bool  # noqa: E402
 DEFAULT_METHODS = ("supervised", "mt", "fpcl", "bpcl", "cpcl", "mt_cpcl")
 
 
-def _config_value(config_dir: Path, key: str) -> Any:
+def _preset_files(config_dir: Path, presets: Any) -> list[str]:
+    """Preset config files by path or by name (``la2018`` = ``<config_dir>/presets/la2018.json``)."""
+    files = []
+    for preset in _list(presets) if presets else []:
+        path = Path(str(preset))
+        if not path.suffix:
+            path = config_dir / "presets" / f"{preset}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: preset does not exist (see {config_dir / 'presets'})")
+        files.append(str(path.resolve()))
+    return files
+
+
+def _config_value(config_dir: Path, key: str, presets: list[str] | None = None) -> Any:
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(config_dir / "train.json"))
+    parser.read_config([str(config_dir / "train.json"), *(presets or [])])
     parser["bundle_root"] = ROOT
     return parser.get_parsed_content(key)
 
@@ -60,9 +73,14 @@ def _list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def report(output_dir: str = "bench", dataset_dir: str | None = None, config_dir: str | None = None) -> dict:
-    """Tables (CSV, JSON, markdown) and figures from the finished runs in ``output_dir``."""
+def report(
+    output_dir: str = "bench", dataset_dir: str | None = None, config_dir: str | None = None, presets: Any = ()
+) -> dict:
+    """Tables (CSV, JSON, markdown) and figures from the finished runs in ``output_dir`` (``presets``: those the
+    runs used, for the data folder and the display window of the overlays)."""
     root = Path(output_dir)
+    config = Path(config_dir or Path(ROOT) / "configs").resolve()
+    preset_files = _preset_files(config, presets)
     paths = benchmark.write_reports(root)
     rows = benchmark.collect(root)
     figures = root / "figures"
@@ -74,8 +92,10 @@ def report(output_dir: str = "bench", dataset_dir: str | None = None, config_dir
         if snapshots and "p_l2u" in np.load(snapshots[0]).files:  # methods with prototypes
             made[f"fig6_{run_dir.name}"] = plots.prototype_figure(maps, figures / f"fig6_{run_dir.name}.png")
     if dataset_dir is None:
-        dataset_dir = str(_config_value(Path(config_dir or Path(ROOT) / "configs"), "dataset_dir"))
-    made["overlays"] = plots.overlays(root, dataset_dir, figures / "overlays.png")
+        dataset_dir = str(_config_value(config, "dataset_dir", preset_files))
+    ct = _config_value(config, "intensity#_target_", preset_files) == "ScaleIntensityRanged"
+    window = _config_value(config, "hu_window", preset_files) if ct else None  # else: percentiles (MRI)
+    made["overlays"] = plots.overlays(root, dataset_dir, figures / "overlays.png", hu_window=window)
     print(paths["table"].read_text())
     for name, path in {**paths, **made}.items():
         print(f"{name}: {path}")
@@ -86,6 +106,7 @@ def run(
     output_dir: str = "bench",
     methods: tuple[str, ...] = DEFAULT_METHODS,
     ratios: tuple[float, ...] = (0.1,),
+    labeled: tuple[int, ...] = (),
     seeds: tuple[int, ...] = (0,),
     full_supervised: bool = True,
     dataset_dir: str | None = None,
@@ -94,13 +115,15 @@ def run(
     jobs: int = 1,
     threads: int | None = None,
     config_dir: str | None = None,
+    presets: tuple[str, ...] = (),
 ) -> dict:
     """Train and evaluate the grid (skipping finished runs), then :func:`report`.
 
     Args:
         output_dir: where runs, tables and figures go.
         methods: names from ``cpcl_bundle.methods.METHODS`` or ``cpcl_bundle.benchmark.VARIANTS``.
-        ratios: labeled fractions of the training split.
+        ratios: labeled fractions of the training split (``"[]"`` for none).
+        labeled: numbers of labeled cases, e.g. ``"[8,16]"`` (the Left Atrium literature's 10 % and 20 %).
         seeds: one run per seed (split, initialisation and sampling all follow it).
         full_supervised: add ``supervised`` at 100 % per seed (the upper bound).
         dataset_dir: a folder with a Decathlon-style ``dataset.json`` (default: the embedded phantoms,
@@ -108,26 +131,33 @@ def run(
         max_iterations: the step budget of every run (default: train.json's).
         overrides: more bundle ids for every run, e.g. ``{'patch_size': [96, 96, 96]}``.
         jobs: runs at a time; threads: torch threads per run (default: the CPU count shared out).
+        presets: config files merged after train.json (and evaluate.json), by path or by name from
+            ``configs/presets`` (e.g. ``la2018``).
     """
     config = Path(config_dir or Path(ROOT) / "configs").resolve()
+    preset_files = _preset_files(config, presets)
     runs = benchmark.plan(
-        [str(m) for m in _list(methods)], [float(r) for r in _list(ratios)], [int(s) for s in _list(seeds)],
+        [str(m) for m in _list(methods)],
+        [float(r) for r in _list(ratios)],
+        [int(s) for s in _list(seeds)],
         as_bool(full_supervised, "full_supervised"),
+        [int(n) for n in _list(labeled)],
     )
     for run_ in runs:
         get_method(run_.overrides()["method"])
     if dataset_dir is None:
-        dataset_dir = str(_config_value(config, "dataset_dir"))
+        dataset_dir = str(_config_value(config, "dataset_dir", preset_files))
     from cpcl_bundle.data import ensure_dataset
 
-    ensure_dataset(dataset_dir)  # once, before parallel runs could race to generate it
+    # once, before parallel runs could race to generate it (presets of real data sets generate nothing)
+    ensure_dataset(dataset_dir, generate=_config_value(config, "generate_data", preset_files))
     common: dict[str, Any] = {"dataset_dir": str(Path(dataset_dir).resolve()), **(overrides or {})}
     if max_iterations is not None:
         common["max_iterations"] = int(max_iterations)
-    budget = int(common.get("max_iterations") or _config_value(config, "max_iterations"))
+    budget = int(common.get("max_iterations") or _config_value(config, "max_iterations", preset_files))
     print(f"{len(runs)} runs of {budget} steps in {output_dir}: " + ", ".join(r.name for r in runs))
-    benchmark.run_grid(runs, output_dir, common, budget, config, jobs=jobs, threads=threads)
-    return report(output_dir, dataset_dir, str(config))
+    benchmark.run_grid(runs, output_dir, common, budget, config, jobs=jobs, threads=threads, presets=preset_files)
+    return report(output_dir, dataset_dir, str(config), preset_files)
 
 
 if __name__ == "__main__":

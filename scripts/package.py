@@ -175,7 +175,8 @@ def collect_files(
     files += _walk(
         root,
         "configs",
-        lambda p: (p.suffix in CONFIG_SUFFIXES or p.name in CONFIG_NAMES) and p.name not in NOT_SHIPPED_CONFIGS,
+        lambda p: (p.suffix in CONFIG_SUFFIXES or p.name in CONFIG_NAMES or "splits" in p.parts)
+        and p.name not in NOT_SHIPPED_CONFIGS,
     )
     files += _walk(root, "docs", lambda p: True)
     files += _walk(root, "cpcl_bundle", lambda p: p.suffix == ".py")

@@ -88,8 +88,12 @@ def test_robust_spacingd_tolerates_monai_label_image_path(tmp_path):
 
 def _workflow(workflow_type, config_file, **override):
     return ConfigWorkflow(
-        workflow_type=workflow_type, config_file=config_file, meta_file=META, logging_file=LOGGING,
-        bundle_root=str(ROOT), **override
+        workflow_type=workflow_type,
+        config_file=config_file,
+        meta_file=META,
+        logging_file=LOGGING,
+        bundle_root=str(ROOT),
+        **override,
     )
 
 
@@ -107,10 +111,31 @@ def trained(tiny_dataset, tmp_path_factory):
     """`python -m monai.bundle run training` exactly as a user types it, with tiny overrides."""
     out = tmp_path_factory.mktemp("run")
     cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN,
-        "--meta_file", META, "--logging_file", LOGGING, "--bundle_root", str(ROOT),
-        "--dataset_dir", str(tiny_dataset), "--output_dir", str(out), "--ckpt_dir", str(out / "models"),
-        "--max_iterations", "2", "--patch_size", "[32,32,32]", "--sw_roi_size", "[32,32,32]",
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        TRAIN,
+        "--meta_file",
+        META,
+        "--logging_file",
+        LOGGING,
+        "--bundle_root",
+        str(ROOT),
+        "--dataset_dir",
+        str(tiny_dataset),
+        "--output_dir",
+        str(out),
+        "--ckpt_dir",
+        str(out / "models"),
+        "--max_iterations",
+        "2",
+        "--patch_size",
+        "[32,32,32]",
+        "--sw_roi_size",
+        "[32,32,32]",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -132,9 +157,17 @@ def test_training_writes_a_plain_state_dict(trained):
 
 def test_max_epochs_override_is_honoured(tiny_dataset, tmp_path):
     """MONAI Label sets train#trainer#max_epochs; it must bound the run like max_iterations does."""
-    wf = _workflow("train", TRAIN, dataset_dir=str(tiny_dataset), output_dir=str(tmp_path),
-                   ckpt_dir=str(tmp_path / "models"), iterations_per_epoch=2, max_iterations=1000,
-                   **{"train#trainer#max_epochs": 1, "val_interval": 1}, **TINY)
+    wf = _workflow(
+        "train",
+        TRAIN,
+        dataset_dir=str(tiny_dataset),
+        output_dir=str(tmp_path),
+        ckpt_dir=str(tmp_path / "models"),
+        iterations_per_epoch=2,
+        max_iterations=1000,
+        **{"train#trainer#max_epochs": 1, "val_interval": 1},
+        **TINY,
+    )
     wf.initialize()
     wf.run()
     trainer = wf.train_trainer if hasattr(wf, "train_trainer") else wf.parser.get_parsed_content("train#trainer")
@@ -154,8 +187,13 @@ def test_inference_writes_labels_in_the_input_geometry(trained, tiny_dataset, tm
     arr = np.asarray(small.dataobj)[::-6, ::6, :12]
     affine = small.affine @ np.diag([-6.0, 6.0, 1.0, 1.0])
     nib.save(nib.Nifti1Image(arr, affine), inputs / "case_b.nii.gz")
-    wf = _workflow("infer", INFER, dataset_dir=str(inputs), output_dir=str(tmp_path / "pred"),
-                   **{"checkpointloader#load_path": str(out / "models" / "model.pt")})
+    wf = _workflow(
+        "infer",
+        INFER,
+        dataset_dir=str(inputs),
+        output_dir=str(tmp_path / "pred"),
+        **{"checkpointloader#load_path": str(out / "models" / "model.pt")},
+    )
     wf.initialize()
     wf.run()
     wf.finalize()
@@ -168,8 +206,14 @@ def test_inference_writes_labels_in_the_input_geometry(trained, tiny_dataset, tm
 
 def test_evaluation_writes_all_four_metrics(trained, tiny_dataset):
     out, _ = trained
-    wf = _workflow("train", [TRAIN, EVALUATE], dataset_dir=str(tiny_dataset), output_dir=str(out),
-                   ckpt_dir=str(out / "models"), **TINY)
+    wf = _workflow(
+        "train",
+        [TRAIN, EVALUATE],
+        dataset_dir=str(tiny_dataset),
+        output_dir=str(out),
+        ckpt_dir=str(out / "models"),
+        **TINY,
+    )
     wf.initialize()
     wf.run()
     wf.finalize()
@@ -188,20 +232,28 @@ def test_evaluation_writes_all_four_metrics(trained, tiny_dataset):
 
 
 def test_paper_protocol_preset_overrides_the_cpu_demo():
-    """configs/paper_protocol.json merged after train.json gives the paper's protocol (96^3 crops at 1 mm,
-    20,000 steps, poly decay over all of them) and touches nothing else."""
+    """configs/presets/paper_protocol.json merged after train.json gives the paper's protocol (96^3 crops at
+    1 mm, uniformly sampled, 20,000 steps, poly decay over all of them) and touches nothing else."""
+    preset_file = CONFIGS / "presets" / "paper_protocol.json"
     parser = ConfigParser()
-    parser.read_config([TRAIN, str(CONFIGS / "paper_protocol.json")])
+    parser.read_config([TRAIN, str(preset_file)])
     parser["bundle_root"] = str(ROOT)
     assert parser.get_parsed_content("patch_size") == [96, 96, 96]
     assert parser.get_parsed_content("pixdim") == [1.0, 1.0, 1.0]
     assert parser.get_parsed_content("lr_scheduler#total_iters") == 20000
     max_epochs = parser.get_parsed_content("train#trainer#max_epochs")
     assert max_epochs * parser.get_parsed_content("epoch_length") == 20000
-    assert parser.get_parsed_content("train#labeled_crop#2#spatial_size") == [96, 96, 96]
+    crops = parser.get_parsed_content("train#labeled_crop")
+    assert [type(t).__name__ for t in crops] == ["SpatialPadd", "RandSpatialCropd"]  # the paper's uniform crops
+    assert list(crops[1].cropper.roi_size) == [96, 96, 96]
     assert parser.get_parsed_content("sw_roi_size") == [96, 96, 96]
     demo = ConfigParser()
     demo.read_config(TRAIN)
-    preset = json.loads((CONFIGS / "paper_protocol.json").read_text())
+    preset = json.loads(preset_file.read_text())
     assert set(preset) <= set(demo.config)  # only top-level ids that train.json has
-    assert all(demo[k] != v for k, v in preset.items() if k != "roi_margin")
+    assert all(demo[k] != v for k, v in preset.items())
+    default_crops = ConfigParser()
+    default_crops.read_config(TRAIN)
+    default_crops["bundle_root"] = str(ROOT)
+    names = [type(t).__name__ for t in default_crops.get_parsed_content("train#labeled_crop")]
+    assert names == ["CropForegroundd", "SpatialPadd", "RandCropByPosNegLabeld"]  # the demo's kidney-ROI crops

@@ -115,6 +115,10 @@ def expected_files(bundle: Path) -> set[str]:
     """The release's files, listed independently of scripts/package.py."""
     files = {"LICENSE", "README.md", "pyproject.toml", "configs/logging.conf", "models/model.pt"}
     files |= {f"configs/{p.name}" for p in (bundle / "configs").glob("*.json")} - {"configs/monailabel_train.json"}
+    files |= {f"configs/presets/{p.name}" for p in (bundle / "configs" / "presets").glob("*.json")}
+    # the published case lists the preparation scripts read
+    files |= {"configs/splits/la2018/train.list", "configs/splits/la2018/test.list"}
+    files |= {f"configs/splits/brats2019/{n}.txt" for n in ("train", "val", "test")}
     files |= {p.relative_to(bundle).as_posix() for p in (bundle / "docs").rglob("*") if p.is_file()}
     files -= {"docs/.DS_Store"}
     for package in ("cpcl_bundle", "scripts"):

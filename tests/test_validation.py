@@ -10,7 +10,6 @@
 # limitations under the License.
 """Pre-flight checks: every kind of broken input gives one line naming the case and the cause."""
 
-
 import nibabel as nib
 import numpy as np
 import pytest
@@ -116,3 +115,18 @@ def test_checkpoint_from_another_network_is_named(tmp_path):
     check_checkpoint(path, net)
     with pytest.raises(InputError, match="does not exist"):
         check_checkpoint(tmp_path / "none.pt", net)
+
+
+def test_label_mapping_decides_which_file_values_are_accepted(good, tmp_path):
+    """A preset's label_mapping (KiTS19: kidney = 1 and 2) accepts the values it maps and names the others."""
+    label = np.zeros((20, 18, 8), np.uint8)
+    label[5:10, 5:10, 2:5], label[12:15, 5:10, 2:5] = 1, 2
+    kits = {**good, "label": _nii(tmp_path / "kits.nii.gz", label)}
+    assert check_case(kits) == [f"{kits['label']}: label values [2] outside the classes 0..1"]
+    assert check_case(kits, label_mapping={"0": 0, "1": 1, "2": 1}) == []
+    assert check_case(kits, label_mapping={"0": 0, "1": 1}) == [
+        f"{kits['label']}: label values [2] are not mapped by label_mapping [0, 1]"
+    ]
+    with pytest.raises(InputError, match="maps onto classes outside 0..1"):
+        preflight([kits], label_mapping={"0": 0, "1": 1, "2": 2})
+    preflight([kits], label_mapping={"0": 0, "1": 1, "2": 1})  # no problem: no error

@@ -1,0 +1,179 @@
+# Copyright (c) MONAI Consortium
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""From a public data set's raw download to the bundle's datalist layout (architecture.md, data contract).
+
+What every ``scripts/prepare_<name>.py`` shares: the published case lists shipped in ``configs/splits/``,
+seeded splits, NIfTI writing, the ``dataset.json`` written last and atomically (so a folder with one is
+complete), and errors that name the file and the cause in one line (:class:`PrepareError`, printed by
+:func:`run_cli` as the last line with exit status 1).
+
+Layout written into ``dataset_dir``::
+
+    imagesTr/<case>.nii.gz   labelsTr/<case>.nii.gz   (training, validation)
+    imagesTs/<case>.nii.gz   labelsTs/<case>.nii.gz   (test)
+    dataset.json             training / validation / test lists (paths relative to it) and how they were made
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "SPLITS_DIR",
+    "PrepareError",
+    "read_case_list",
+    "shipped_split",
+    "select_listed",
+    "seeded_split",
+    "check_label_values",
+    "save_nifti",
+    "case_entry",
+    "write_datalist",
+    "convert_all",
+    "run_cli",
+]
+
+SPLITS_DIR = Path(__file__).resolve().parents[1] / "configs" / "splits"
+"""The published case lists shipped with the bundle (``configs/splits/<data set>/``)."""
+
+
+class PrepareError(ValueError):
+    """A raw file or folder the preparation cannot use; the message is one line, ``<path>: <cause>``."""
+
+
+def read_case_list(path: str | os.PathLike) -> list[str]:
+    """Case ids of a list file: one per line, blank lines and surrounding whitespace ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise PrepareError(f"{path}: case list does not exist")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def shipped_split(dataset: str, name: str) -> list[str]:
+    """The case ids of ``configs/splits/<dataset>/<name>`` (a published list shipped with the bundle)."""
+    return read_case_list(SPLITS_DIR / dataset / name)
+
+
+def select_listed(
+    listed: Sequence[str], present: Iterable[str], list_name: str, source: str, allow_missing: bool
+) -> list[str]:
+    """The listed cases in list order; a listed case absent from ``present`` is an error naming it, unless
+    ``allow_missing`` (then the cases present are used and the count of missing ones is reported)."""
+    present = set(present)
+    missing = [case for case in listed if case not in present]
+    if missing and not allow_missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise PrepareError(
+            f"{source}: {len(missing)} case(s) of {list_name} missing ({shown}); "
+            "--allow_missing true uses the cases present"
+        )
+    if missing:
+        print(
+            f"{list_name}: {len(missing)} of {len(listed)} listed cases are not in {source},"
+            f" using the {len(listed) - len(missing)} present"
+        )
+    return [case for case in listed if case in present]
+
+
+def seeded_split(cases: Sequence[str], sizes: Sequence[int], seed: int) -> list[list[str]]:
+    """Cut a seeded permutation of ``cases`` into consecutive parts of ``sizes`` (the last part takes the
+    rest when the sizes add up to less). Each part keeps the input order, so the lists read sorted."""
+    if sum(sizes) > len(cases):
+        raise PrepareError(f"a split of {list(sizes)} needs {sum(sizes)} cases, only {len(cases)} found")
+    order = np.random.default_rng(seed).permutation(len(cases))
+    parts, start = [], 0
+    for size in sizes:
+        chosen = set(order[start : start + size].tolist())
+        parts.append([c for i, c in enumerate(cases) if i in chosen])
+        start += size
+    return parts
+
+
+def check_label_values(label: np.ndarray, allowed: Iterable[int], path: str | os.PathLike, meaning: str) -> None:
+    """:class:`PrepareError` naming ``path`` if ``label`` holds a value outside ``allowed``."""
+    values = np.unique(label)
+    bad = sorted(set(values.tolist()) - {int(v) for v in allowed})
+    if bad:
+        raise PrepareError(f"{path}: label values {bad[:5]} are not mapped by this data set's preset ({meaning})")
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, dtype: Any) -> None:
+    """Write ``array`` as NIfTI with ``affine`` (voxel to RAS mm), through a temporary name."""
+    import nibabel as nib
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(np.asarray(array, dtype=dtype), np.asarray(affine, dtype=np.float64))
+    image.header.set_data_dtype(dtype)
+    tmp = path.with_name(f".{path.name[:-7]}.{os.getpid()}.tmp.nii.gz")
+    nib.save(image, str(tmp))
+    os.replace(tmp, path)
+
+
+def case_entry(case: str, images: str, labels: str | None) -> dict[str, str]:
+    """A datalist entry with paths relative to ``dataset_dir``."""
+    entry = {"image": f"{images}/{case}.nii.gz"}
+    if labels is not None:
+        entry["label"] = f"{labels}/{case}.nii.gz"
+    return entry
+
+
+def write_datalist(dataset_dir: str | os.PathLike, lists: dict[str, list[dict]], info: dict[str, Any]) -> Path:
+    """Write ``<dataset_dir>/dataset.json`` (the lists plus ``info``) atomically and return its path."""
+    target = Path(dataset_dir) / "dataset.json"
+    content = {**info, **{key: lists.get(key, []) for key in ("training", "validation", "test", "unlabeled")}}
+    tmp = target.with_name(f".dataset.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(content, indent=4) + "\n")
+    os.replace(tmp, target)
+    return target
+
+
+def convert_all(convert: Callable[[Any], Any], jobs: Sequence[Any], workers: int, desc: str) -> list[Any]:
+    """``convert`` applied to every job, ``workers`` processes at a time, with a progress bar; results in job
+    order. ``convert`` must be a module-level function (it is pickled); the first error stops the run."""
+    from tqdm import tqdm
+
+    results: list[Any] = [None] * len(jobs)
+    with tqdm(total=len(jobs), desc=desc, unit="case") as bar:
+        if workers <= 1:
+            for i, job in enumerate(jobs):
+                results[i] = convert(job)
+                bar.update(1)
+            return results
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(convert, job): i for i, job in enumerate(jobs)}
+            from concurrent.futures import as_completed
+
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update(1)
+    return results
+
+
+def run_cli(main: Callable[..., Any]) -> None:
+    """``fire.Fire(main)``; a :class:`PrepareError` (or a missing file) ends the run with its one-line message
+    as the last line printed and exit status 1, not a traceback."""
+    import fire
+
+    try:
+        fire.Fire(main)
+    except (PrepareError, FileNotFoundError) as e:
+        sys.stdout.flush()
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)

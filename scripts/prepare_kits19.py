@@ -1,0 +1,267 @@
+# Copyright (c) MONAI Consortium
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""KiTS19 (kidney tumour segmentation challenge, CT) to the bundle's layout, with a seeded 150/10/50 split.
+
+    python scripts/prepare_kits19.py --source_dir kits19/data --dataset_dir data/kits19
+    # the challenge's test images (case_00210 .. case_00299, no segmentation) as the unlabeled list too:
+    python scripts/prepare_kits19.py --source_dir kits19/data --dataset_dir data/kits19 --include_unlabeled true
+    # only part of the 210 segmented cases at hand: the split scaled to the cases present
+    python scripts/prepare_kits19.py --source_dir kits19/data --dataset_dir data/kits19 --allow_missing true
+
+Input: the ``data/`` folder of the kits19 repository (https://github.com/neheller/kits19) after its
+``starter_code/get_imaging.py``: ``<source_dir>/case_XXXXX/imaging.nii.gz`` (CT in HU) and, for case_00000
+.. case_00209, ``segmentation.nii.gz`` (0 background, 1 kidney, 2 tumour). ``source_dir`` may also be the
+repository itself (the folder above ``data``). The arrays store the slice axis first, (z, y, x), and the
+affine's spacing entries are negative (not RAS); each file's array and affine are written unchanged (the
+bundle's ``Orientationd`` puts them in RAS, ``Invertd`` puts predictions back into this geometry).
+
+Output (``cpcl_bundle.prepare``): the 210 segmented cases, sorted by id, cut by a permutation seeded by
+``--seed`` into ``training`` (150), ``validation`` (10) and ``test`` (50); with fewer cases present
+(``--allow_missing true``) the same 150:10:50 proportions, at least one validation and one test case. The
+labels keep the data set's values 0, 1, 2 (uint8; the kits19 preset maps kidney = 1 and 2, so a multi-class
+preset can use the tumour label); a value outside them is an error naming the file. The image keeps its
+HU values: as int16 when that is exact (KiTS19 stores whole HU numbers, as float64 in some releases; int16
+is lossless for them and a quarter of the size), as float32 otherwise. ``--include_unlabeled true`` writes
+the cases without a segmentation (ids from 210) to ``imagesUn/`` as the ``unlabeled`` list. The label ratios
+of the study (5 % and 10 %) are recorded in ``dataset.json`` with the labeled counts they give.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from cpcl_bundle.prepare import (  # noqa: E402
+    PrepareError,
+    case_entry,
+    check_label_values,
+    convert_all,
+    run_cli,
+    save_nifti,
+    seeded_split,
+    select_listed,
+    write_datalist,
+)
+
+IMAGE_NAME = "imaging.nii.gz"
+LABEL_NAME = "segmentation.nii.gz"
+NUM_SEGMENTED = 210
+"""case_00000 .. case_00209 have a segmentation; the challenge's test cases (from case_00210) have none."""
+SPLIT = (150, 10, 50)
+"""training, validation, test"""
+LABEL_RATIOS = (0.05, 0.1)
+LABELS = {"0": "background", "1": "kidney", "2": "tumour"}
+CASE_PATTERN = re.compile(r"^case_(\d{5})$")
+CITATION = (
+    "Heller, N. et al. The KiTS19 challenge data: 300 kidney tumor cases with clinical context, CT semantic "
+    "segmentations, and surgical outcomes. arXiv:1904.00445, 2019"
+)
+
+
+def folder_arg(value, name: str) -> Path:
+    """A folder given on the command line; fire turns a bare ``--name`` into True and digits into a number."""
+    if isinstance(value, bool) or value is None or str(value) == "":
+        raise PrepareError(f"--{name}: expected a folder, got {value!r}")
+    return Path(str(value))
+
+
+def find_source(source_dir: str | os.PathLike) -> Path:
+    """The folder holding the ``case_XXXXX`` folders: ``source_dir``, its ``data`` or ``kits19/data``."""
+    source = folder_arg(source_dir, "source_dir")
+    if not source.is_dir():
+        raise PrepareError(f"{source}: source folder does not exist")
+    for folder in (source, source / "data", source / "kits19" / "data"):
+        if folder.is_dir() and any(CASE_PATTERN.match(p.name) and p.is_dir() for p in folder.iterdir()):
+            return folder
+    raise PrepareError(f"{source}: no case folders (case_XXXXX/{IMAGE_NAME}) in it, nor in its data/ folder")
+
+
+def split_sizes(num_cases: int) -> tuple[int, int, int]:
+    """(training, validation, test) sizes: 150/10/50 of 210 cases, scaled to fewer cases in the same
+    proportions (rounded, at least one validation and one test case)."""
+    if num_cases < 3:
+        raise PrepareError(f"{num_cases} segmented case(s): a split needs at least 3 (training, validation, test)")
+    total = sum(SPLIT)
+    validation = max(1, math.floor(num_cases * SPLIT[1] / total + 0.5))
+    test = max(1, math.floor(num_cases * SPLIT[2] / total + 0.5))
+    return num_cases - validation - test, validation, test
+
+
+def num_labeled(ratio: float, num_training: int) -> int:
+    """Labeled cases a ``labeled_ratio`` gives (as ``cpcl_bundle.data.semi_supervised_split`` counts them)."""
+    return max(1, math.floor(ratio * num_training + 0.5))
+
+
+def as_int16_if_exact(array: np.ndarray) -> np.ndarray | None:
+    """``array`` as int16 when that changes no value (whole numbers within the int16 range), else None."""
+    if array.dtype == np.int16:
+        return array
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)) or not array.size:
+        return None
+    if array.min() < np.iinfo(np.int16).min or array.max() > np.iinfo(np.int16).max:
+        return None
+    converted = array.astype(np.int16)
+    return converted if np.array_equal(converted, array) else None
+
+
+def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(array as stored, affine) of a 3-D NIfTI; errors name the file."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        array = np.asanyarray(image.dataobj)
+    except Exception as e:  # noqa: BLE001 - any reader failure is reported, with its type
+        raise PrepareError(f"{path}: unreadable NIfTI ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if array.ndim != 3:
+        raise PrepareError(f"{path}: shape {array.shape}, expected a 3-D volume")
+    return array, np.asarray(image.affine, dtype=np.float64)
+
+
+def read_case(image_path: str, label_path: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """(image, image affine, label uint8 or None, label affine) of one case, checked; errors name the file."""
+    image, image_affine = read_image(image_path)
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        raise PrepareError(f"{image_path}: {int((~np.isfinite(image)).sum())} NaN/Inf voxels")
+    if label_path is None:
+        return image, image_affine, None, image_affine
+    label, label_affine = read_image(label_path)
+    if label.shape != image.shape:
+        raise PrepareError(f"{label_path}: shape {label.shape} differs from the image's {image.shape} ({image_path})")
+    if not np.allclose(label_affine, image_affine, atol=1e-3):
+        raise PrepareError(
+            f"{label_path}: affine {np.round(label_affine[:3], 4).tolist()} differs from the image's "
+            f"{np.round(image_affine[:3], 4).tolist()} ({image_path})"
+        )
+    check_label_values(label, (0, 1, 2), label_path, "0 background, 1 kidney, 2 tumour")
+    return image, image_affine, label.astype(np.uint8), label_affine
+
+
+def convert_case(job: tuple[str, str, str | None, str, str | None]) -> str:
+    """Write one case's image (and label) NIfTI with the files' own affines; returns the image dtype written."""
+    case, image_path, label_path, images, labels = job
+    image, image_affine, label, label_affine = read_case(image_path, label_path)
+    exact = as_int16_if_exact(image)
+    if exact is not None:
+        save_nifti(exact, image_affine, Path(images) / f"{case}.nii.gz", np.int16)
+    else:
+        save_nifti(image, image_affine, Path(images) / f"{case}.nii.gz", np.float32)
+    if label is not None:
+        save_nifti(label, label_affine, Path(labels) / f"{case}.nii.gz", np.uint8)
+    return "int16" if exact is not None else "float32"
+
+
+def _skip_or_fail(cases: list[str], source: Path, name: str, allow_missing: bool, what: str) -> None:
+    """Error naming the first ``<case>/<name>`` that does not exist, unless ``allow_missing`` (then a count)."""
+    if not cases:
+        return
+    if not allow_missing:
+        raise PrepareError(
+            f"{source / cases[0] / name}: file does not exist ({len(cases)} {what} case folder(s) without "
+            f"{name}; --allow_missing true skips them)"
+        )
+    shown = ", ".join(cases[:3]) + (", ..." if len(cases) > 3 else "")
+    print(f"skipping {len(cases)} {what} case folder(s) without {name} ({shown})")
+
+
+def main(
+    source_dir: str,
+    dataset_dir: str = "data/kits19",
+    allow_missing: bool = False,
+    include_unlabeled: bool = False,
+    seed: int = 0,
+    workers: int = 2,
+) -> None:
+    """Convert the KiTS19 cases found in ``source_dir`` into ``dataset_dir`` and write its ``dataset.json``."""
+    from cpcl_bundle.validation import as_bool
+
+    allow_missing = as_bool(allow_missing, "allow_missing")
+    include_unlabeled = as_bool(include_unlabeled, "include_unlabeled")
+    source = find_source(source_dir)
+    out = folder_arg(dataset_dir, "dataset_dir")
+    folders = sorted(p.name for p in source.iterdir() if p.is_dir() and CASE_PATTERN.match(p.name))
+    segmented_ids = {c for c in folders if int(CASE_PATTERN.match(c).group(1)) < NUM_SEGMENTED}
+    no_image = [c for c in folders if not (source / c / IMAGE_NAME).is_file()]
+    _skip_or_fail([c for c in no_image if c in segmented_ids], source, IMAGE_NAME, allow_missing, "segmented")
+    no_label = [
+        c for c in folders if c in segmented_ids and c not in no_image and not (source / c / LABEL_NAME).is_file()
+    ]
+    _skip_or_fail(no_label, source, LABEL_NAME, allow_missing, "segmented")
+    present = [c for c in folders if c in segmented_ids and c not in no_image and c not in no_label]
+    listed = [f"case_{i:05d}" for i in range(NUM_SEGMENTED)]
+    cases = select_listed(listed, present, f"the {NUM_SEGMENTED} segmented KiTS19 cases", str(source), allow_missing)
+    unlabeled = []
+    if include_unlabeled:
+        others = [c for c in folders if c not in segmented_ids]
+        _skip_or_fail([c for c in others if c in no_image], source, IMAGE_NAME, allow_missing, "unlabeled")
+        unlabeled = [c for c in others if c not in no_image]
+        if not unlabeled:
+            print(f"--include_unlabeled: no case folders from case_{NUM_SEGMENTED:05d} on in {source}")
+    sizes = split_sizes(len(cases))
+    training, validation, test = seeded_split(cases, sizes, int(seed))
+    start = time.perf_counter()
+    jobs = [
+        (c, str(source / c / IMAGE_NAME), str(source / c / LABEL_NAME), str(out / "imagesTr"), str(out / "labelsTr"))
+        for c in training + validation
+    ]
+    jobs += [
+        (c, str(source / c / IMAGE_NAME), str(source / c / LABEL_NAME), str(out / "imagesTs"), str(out / "labelsTs"))
+        for c in test
+    ]
+    jobs += [(c, str(source / c / IMAGE_NAME), None, str(out / "imagesUn"), None) for c in unlabeled]
+    dtypes = convert_all(convert_case, jobs, int(workers), desc="kits19")
+    info = {
+        "name": "kits19",
+        "description": "KiTS19 kidney tumour CT (arterial phase), original spacing and orientation, HU",
+        "reference": CITATION,
+        "labels": LABELS,
+        "label_ratios": list(LABEL_RATIOS),
+        "num_labeled": {str(r): num_labeled(r, len(training)) for r in LABEL_RATIOS},
+        "split": {
+            "training": len(training),
+            "validation": len(validation),
+            "test": len(test),
+            "unlabeled": len(unlabeled),
+        },
+        "prepared_with": {
+            "script": "scripts/prepare_kits19.py",
+            "source_dir": str(Path(str(source_dir)).resolve()),
+            "allow_missing": allow_missing,
+            "include_unlabeled": include_unlabeled,
+            "seed": int(seed),
+            "image_dtypes": {d: dtypes.count(d) for d in sorted(set(dtypes))},
+        },
+    }
+    lists = {
+        "training": [case_entry(c, "imagesTr", "labelsTr") for c in training],
+        "validation": [case_entry(c, "imagesTr", "labelsTr") for c in validation],
+        "test": [case_entry(c, "imagesTs", "labelsTs") for c in test],
+        "unlabeled": [case_entry(c, "imagesUn", None) for c in unlabeled],
+    }
+    path = write_datalist(out, lists, info)
+    print(
+        f"{len(jobs)} cases in {time.perf_counter() - start:.1f} s: {len(training)} training, {len(validation)} "
+        f"validation, {len(test)} test, {len(unlabeled)} unlabeled -> {path}"
+    )
+
+
+if __name__ == "__main__":
+    run_cli(main)
