@@ -14,7 +14,7 @@ Xu et al., "All-Around Real Label Supervision: Cyclic Prototype Consistency Lear
 Medical Image Segmentation", IEEE JBHI 26(7), 2022.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 BUNDLE_NAME = "cpcl_kidney_ct_segmentation"
 """The bundle's name (zoo folder and zip name, MONAI Label model name). "segmentation" in it makes MONAI Label
 treat it as a segmentation model; a bundle name must not contain "_v" (the zoo splits versions on it)."""
@@ -22,9 +22,11 @@ treat it as a segmentation model; a bundle name must not contain "_v" (the zoo s
 import importlib  # noqa: E402
 
 _SUBMODULES = (
+    "baselines",
     "benchmark",
     "data",
     "evaluation",
+    "guard",
     "handlers",
     "losses",
     "methods",
@@ -33,6 +35,7 @@ _SUBMODULES = (
     "prepare",
     "prototypes",
     "resume",
+    "terms",
     "trainer",
     "transforms",
     "validation",

@@ -51,7 +51,6 @@ from cpcl_bundle.evaluation import METRICS, summarise
 from cpcl_bundle.methods import METHODS
 
 __all__ = [
-    "VARIANTS",
     "Run",
     "plan",
     "bundle_command",
@@ -62,15 +61,6 @@ __all__ = [
     "markdown_table",
     "write_reports",
 ]
-
-VARIANTS: dict[str, dict[str, Any]] = {
-    "cpcl_released": {"method": "cpcl", "prototype_grad": False},
-    "cpcl_decoder": {"method": "cpcl", "feature_layer": "decoder_half"},
-}
-"""Named variants beside the methods of :data:`cpcl_bundle.methods.METHODS`: ``cpcl_released`` is CPCL with
-the authors' released gradient flow (no gradient through the prototypes), see the method page;
-``cpcl_decoder`` takes the prototypes' features from the decoder at half resolution (32 channels) instead of
-the encoder's last stage, which is only 3^3 voxels at the CPU demo's 48^3 crop."""
 
 REFERENCE = "cpcl"
 """The method every other is tested against (the paper's ``*``)."""
@@ -88,7 +78,7 @@ def _pct(ratio: float) -> str:
 
 @dataclass(frozen=True)
 class Run:
-    """One cell of the grid: a method (or a :data:`VARIANTS` name) at a label ratio, or at a number of labeled
+    """One cell of the grid: a method of :data:`cpcl_bundle.methods.METHODS` at a label ratio, or at a number of labeled
     cases (``num_labeled``, as the Left Atrium literature reports: 8 or 16 cases), and a seed."""
 
     method: str
@@ -104,8 +94,7 @@ class Run:
     def overrides(self) -> dict[str, Any]:
         """The bundle ids this run sets (on top of the benchmark's common overrides). Both label settings are
         set, so that a preset's own (e.g. la2018's ``num_labeled``) never overrides the grid's."""
-        base = dict(VARIANTS.get(self.method, {"method": self.method}))
-        return {**base, "labeled_ratio": self.ratio, "num_labeled": self.num_labeled, "seed": self.seed}
+        return {"method": self.method, "labeled_ratio": self.ratio, "num_labeled": self.num_labeled, "seed": self.seed}
 
 
 def plan(
@@ -118,7 +107,7 @@ def plan(
     """The grid: every method at every ratio (and every number of ``labeled`` cases) and seed, plus
     (``full_supervised``) ``supervised`` at 100 % per seed, the paper's upper bound. Unknown names fail here,
     before anything runs."""
-    known = set(METHODS) | set(VARIANTS)
+    known = set(METHODS)
     unknown = [m for m in methods if m not in known]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}: choose from {sorted(known)}")
@@ -389,7 +378,7 @@ def markdown_table(summary: Sequence[dict[str, Any]], alpha: float = 0.05) -> st
     """The paper's layout: a block per label ratio (the 100 % upper bound first), rows ``method | labeled``,
     each metric as ``mean (std)``; ``*`` where the paired t-test against CPCL gives p <= ``alpha``; the best
     mean of each metric within a ratio's block in bold."""
-    order = {name: i for i, name in enumerate(["supervised", *METHODS, *VARIANTS])}
+    order = {name: i for i, name in enumerate(["supervised", *METHODS])}
     entries = sorted(summary, key=lambda e: (-(e["ratio"] >= 1.0), e["ratio"], order.get(e["method"], 99)))
     best: dict[tuple[float, str], float] = {}
     for metric in METRICS:

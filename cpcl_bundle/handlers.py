@@ -14,12 +14,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
 
-__all__ = ["PANELS", "PrototypeMapHandler", "pick_slice", "slice_cuts", "map_panels", "load_snapshots"]
+from cpcl_bundle.losses import prototype_predictions
+from cpcl_bundle.terms import PrototypeTerm, Step
+
+__all__ = [
+    "PANELS",
+    "PrototypeMapHandler",
+    "step_maps",
+    "probe_maps",
+    "pick_slice",
+    "slice_cuts",
+    "map_panels",
+    "load_snapshots",
+]
 
 PANELS = ("x_u", "p_u", "p_l2u", "x_l", "y_l", "p_l", "p_u2l")
 """Fig. 6 of the paper: unlabeled image, teacher P_u, L2U prediction; labeled image, label, student P_l,
@@ -48,7 +62,7 @@ def slice_cuts(maps: dict[str, torch.Tensor | None], foreground: int = 1, axis: 
 def map_panels(
     maps: dict[str, torch.Tensor | None], foreground: int = 1, axis: int = -1, cut: dict[str, int] | None = None
 ) -> dict[str, np.ndarray]:
-    """2-D panels in [0, 1] from ``CPCLTrainer``'s ``state.prototype_maps`` (channel-first volumes).
+    """2-D panels in [0, 1] from :func:`step_maps` or :func:`probe_maps` (channel-first volumes).
 
     Each stream is cut at ``cut`` (default :func:`slice_cuts`); probability maps show their foreground channel,
     images their first channel.
@@ -69,12 +83,60 @@ def map_panels(
     return panels
 
 
+def _prototype_term(trainer: Any) -> PrototypeTerm | None:
+    return next((t for t in getattr(trainer, "terms", ()) if isinstance(t, PrototypeTerm)), None)
+
+
+@torch.no_grad()
+def step_maps(step: Step, prototype_term: PrototypeTerm | None = None) -> dict[str, torch.Tensor | None]:
+    """The Fig. 6 maps of a step, first image of each stream, on the CPU: inputs, label, student ``P_l``,
+    teacher ``P_u`` and, with a prototype term, ``P_l2u`` and ``P_u2l`` (batch prototypes, Eq. 5 and 9)."""
+
+    def first(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[0].detach().float().cpu()
+
+    maps = {"x_l": first(step.x_l), "y_l": first(step.y_l), "p_l": first(torch.softmax(step.student().float(), 1))}
+    if step.x_u is not None and step.teacher_net is not None:
+        probs_u = step.teacher_probs()
+        maps.update(x_u=first(step.x_u), p_u=first(probs_u))
+        if prototype_term is not None:
+            layer = prototype_term.layers[0]
+            feats_l, feats_u = step.student_features(layer).float(), step.teacher_features(layer).float()
+            preds = prototype_predictions(feats_l, step.y_l, feats_u, probs_u, prototype_term.scale)
+            maps.update({k: first(v) for k, v in preds.items()})
+    return maps
+
+
+@torch.no_grad()
+def probe_maps(
+    trainer: Any, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor | None = None
+) -> dict[str, torch.Tensor | None]:
+    """The Fig. 6 maps of the trainer's current student and teacher on fixed volumes (channel-first, one case
+    each, e.g. kept from an earlier batch), so one slice can be followed through training. Side-effect free: no
+    weights, statistics or RNG streams change (the teacher's input noise is not applied)."""
+    network = trainer.network
+    device = trainer.state.device if trainer.state.device is not None else next(network.parameters()).device
+    term = _prototype_term(trainer)
+    teacher = trainer.teacher if x_u is not None else None
+    x_u = x_u[None].to(device) if teacher is not None else None
+    step = Step(
+        network,
+        teacher,
+        x_l[None].to(device),
+        y_l[None].to(device),
+        x_u,
+        lambda net, x: trainer.inferer(x, net),
+        layers=() if term is None else term.layers,
+    )
+    return step_maps(step, term)
+
+
 class PrototypeMapHandler:
     """Every ``interval`` iterations, writes the prototype maps of the paper's Fig. 6 as images.
 
     With ``fixed`` (the default), the first snapshot keeps its batch's first labeled and unlabeled volume and
     every snapshot shows the current student and teacher on those same volumes, cut at the same slices
-    (:meth:`CPCLTrainer.probe_maps`): one slice followed through training, as in the figure. Otherwise each
+    (:func:`probe_maps`): one slice followed through training, as in the figure. Otherwise each
     snapshot shows the step's own batch. Writes to TensorBoard (``tag/<panel>``) and, when ``png_dir`` is
     given, per step a montage PNG (``<png_dir>/prototype_maps_<iteration>.png``; rows: unlabeled then labeled)
     and the panels as arrays (``.npz``, read by :func:`load_snapshots`).
@@ -104,6 +166,7 @@ class PrototypeMapHandler:
         self.tag, self.fixed = tag, bool(fixed)
         self._probe: tuple | None = None
         self._cut: dict[str, int] | None = None
+        self._maps: dict[str, torch.Tensor | None] | None = None
 
     @property
     def writer(self):
@@ -114,27 +177,29 @@ class PrototypeMapHandler:
         return self._writer
 
     def attach(self, engine: Engine) -> None:
-        if not hasattr(engine, "record_maps"):
-            raise TypeError(f"{type(engine).__name__} does not record prototype maps: use CPCLTrainer")
-        engine.add_event_handler(Events.ITERATION_STARTED(every=self.interval), self._request)
+        if not hasattr(engine, "make_step"):
+            raise TypeError(f"{type(engine).__name__} does not expose its steps: use CPCLTrainer")
+        engine.add_event_handler(IterationEvents.MODEL_COMPLETED, self._capture)
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self._write)
 
-    def _request(self, engine: Engine) -> None:
-        engine.record_maps = True
+    def _capture(self, engine: Engine) -> None:
+        """While the step is alive (``MODEL_COMPLETED``), on the steps this handler shows."""
+        if engine.state.iteration % self.interval == 0 and (not self.fixed or self._probe is None):
+            self._maps = step_maps(engine.state.step, _prototype_term(engine))
 
     def _write(self, engine: Engine) -> None:
-        engine.record_maps = False
-        maps = getattr(engine.state, "prototype_maps", None)
-        if not maps:
-            return
-        engine.state.prototype_maps = None
+        maps, self._maps = self._maps, None
         step = engine.state.iteration
         cut = None
         if self.fixed:
             if self._probe is None:
+                if not maps:
+                    return
                 self._probe = (maps["x_l"], maps["y_l"], maps.get("x_u") if maps.get("p_u") is not None else None)
                 self._cut = slice_cuts(maps)
-            maps, cut = engine.probe_maps(*self._probe), self._cut
+            maps, cut = probe_maps(engine, *self._probe), self._cut
+        if not maps:
+            return
         panels = map_panels(maps, cut=cut)
         for name, plane in panels.items():
             self.writer.add_image(f"{self.tag}/{name}", plane[None], step, dataformats="CHW")

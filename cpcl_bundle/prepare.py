@@ -25,6 +25,7 @@ Layout written into ``dataset_dir``::
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -42,6 +43,9 @@ __all__ = [
     "select_listed",
     "seeded_split",
     "check_label_values",
+    "num_labeled",
+    "as_int16_if_exact",
+    "read_image",
     "save_nifti",
     "case_entry",
     "write_datalist",
@@ -111,6 +115,37 @@ def check_label_values(label: np.ndarray, allowed: Iterable[int], path: str | os
     bad = sorted(set(values.tolist()) - {int(v) for v in allowed})
     if bad:
         raise PrepareError(f"{path}: label values {bad[:5]} are not mapped by this data set's preset ({meaning})")
+
+
+def num_labeled(ratio: float, num_training: int) -> int:
+    """Labeled cases a ``labeled_ratio`` gives (as ``cpcl_bundle.data.semi_supervised_split`` counts them)."""
+    return max(1, math.floor(ratio * num_training + 0.5))
+
+
+def as_int16_if_exact(array: np.ndarray) -> np.ndarray | None:
+    """``array`` as int16 when that changes no value (whole numbers within the int16 range), else None."""
+    if array.dtype == np.int16:
+        return array
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)) or not array.size:
+        return None
+    if array.min() < np.iinfo(np.int16).min or array.max() > np.iinfo(np.int16).max:
+        return None
+    converted = array.astype(np.int16)
+    return converted if np.array_equal(converted, array) else None
+
+
+def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(array as stored, affine) of a 3-D NIfTI; errors name the file."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        array = np.asanyarray(image.dataobj)
+    except Exception as e:  # noqa: BLE001 - any reader failure is reported, with its type
+        raise PrepareError(f"{path}: unreadable NIfTI ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if array.ndim != 3:
+        raise PrepareError(f"{path}: shape {array.shape}, expected a 3-D volume")
+    return array, np.asarray(image.affine, dtype=np.float64)
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, dtype: Any) -> None:

@@ -118,8 +118,13 @@ def _randomizables(roots: Iterable[Any], depth: int = 3) -> list[Randomizable]:
 
 def _numpy_state(state: tuple) -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = state
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
 
 
 def _numpy_tuple(state: dict[str, Any]) -> tuple:
@@ -180,7 +185,8 @@ def latest_checkpoint(save_dir: str | os.PathLike) -> Path | None:
 class ResumeCheckpoint:
     """Saves the whole training state every ``interval`` iterations and, with ``resume``, restores the latest.
 
-    Saved: the trainer's network (``model``), its teacher, the engine state (``trainer``) and ``objects``
+    Saved: the trainer's network (``model``), its teacher, the state of its loss terms that have one
+    (``term_<name>``), the engine state (``trainer``) and ``objects``
     (optimizer, LR scheduler, :class:`TrainingRNG`, ...). Files: ``<save_dir>/resume_checkpoint_<iteration>.pt``,
     the last ``n_saved`` kept; written atomically. A handler, not config wiring, because the trainer it saves
     is the engine it is attached to (a config cannot refer to the trainer from the trainer's own handlers).
@@ -212,6 +218,9 @@ class ResumeCheckpoint:
         to_save = {"model": engine.network, "trainer": engine, **self.objects}
         if getattr(engine, "teacher", None) is not None:
             to_save["teacher"] = engine.teacher
+        for term in getattr(engine, "terms", ()):  # terms with modules or optimisers of their own (DAN)
+            if term.has_state:
+                to_save[f"term_{term.name}"] = term
         return to_save
 
     def attach(self, engine: Engine) -> None:

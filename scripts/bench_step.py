@@ -8,7 +8,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Cost of one training step: supervised, MT, CPCL, and CPCL with the naive prototype computation.
+"""Cost of one training step of every method (Table I's baselines, CPCL, the released code's CPCL), and of CPCL
+with the naive prototype computation.
 
     python scripts/bench_step.py --patch 64 --steps 5
     python scripts/bench_step.py --patch 96 --steps 3 --device cuda
@@ -107,8 +108,17 @@ def one(variant: str = "cpcl", patch: int = 64, steps: int = 5, warmup: int = 2,
     opt = paper_optimizer(net.parameters())
     labeled = DataLoader(_data(2, patch), batch_size=2)
     unlabeled = DataLoader(_data(2, patch, with_label=False), batch_size=2)
-    trainer = CPCLTrainer(dev, warmup + steps, labeled, net, opt, losses.supervised_loss(),
-                          unlabeled_data_loader=unlabeled, method=method, decollate=False)
+    trainer = CPCLTrainer(
+        dev,
+        warmup + steps,
+        labeled,
+        net,
+        opt,
+        losses.supervised_loss(),
+        unlabeled_data_loader=unlabeled,
+        method=method,
+        decollate=False,
+    )
     times: list[float] = []
     start = {}
 
@@ -123,8 +133,13 @@ def one(variant: str = "cpcl", patch: int = 64, steps: int = 5, warmup: int = 2,
         times.append(time.perf_counter() - start["t"])
 
     trainer.run()
-    result = {"variant": variant, "patch": patch, "median_s": statistics.median(times[warmup:]),
-              "peak_gb": _peak_memory_gb(dev), "steps": steps}
+    result = {
+        "variant": variant,
+        "patch": patch,
+        "median_s": statistics.median(times[warmup:]),
+        "peak_gb": _peak_memory_gb(dev),
+        "steps": steps,
+    }
     print(json.dumps(result))
 
 
@@ -149,8 +164,13 @@ def prototypes(patch: int = 64, repeats: int = 3, naive: bool = False, device: s
         (fpc + 10 * bpc).backward()
         _sync(dev)
         times.append(time.perf_counter() - t)
-    result = {"variant": "prototypes_naive" if naive else "prototypes", "patch": patch,
-              "median_s": statistics.median(times[1:]), "peak_gb": _peak_memory_gb(dev), "steps": repeats}
+    result = {
+        "variant": "prototypes_naive" if naive else "prototypes",
+        "patch": patch,
+        "median_s": statistics.median(times[1:]),
+        "peak_gb": _peak_memory_gb(dev),
+        "steps": repeats,
+    }
     print(json.dumps(result))
 
 
@@ -162,24 +182,47 @@ def _child(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main(patch: int = 64, steps: int = 5, warmup: int = 2, device: str = "cpu",
-         variants: str = "supervised,mt,cpcl,cpcl_naive", output: str | None = None) -> None:
-    """Run every variant in its own process and print the table (markdown); ``output`` also saves JSON."""
+DEFAULT_VARIANTS = "supervised,mt,uamt,entropy_min,ict,dan,dtml,cpcl,cpcl_released,cpcl_naive"
+"""Every method of the paper's Table I, CPCL as the released code runs it, and CPCL with naive prototypes."""
+
+
+def main(
+    patch: int = 64,
+    steps: int = 5,
+    warmup: int = 2,
+    device: str = "cpu",
+    variants: str = DEFAULT_VARIANTS,
+    output: str | None = None,
+) -> None:
+    """Run every variant (a method of ``cpcl_bundle.methods.METHODS``, or ``cpcl_naive``) in its own process and
+    print the table (markdown); ``output`` also saves JSON."""
     names = [v.strip() for v in (variants.split(",") if isinstance(variants, str) else variants)]
     rows = []
     for name in names:
         print(f"[bench_step] {name} at {patch}^3 ...", file=sys.stderr, flush=True)
-        rows.append(_child(["one", f"--variant={name}", f"--patch={patch}", f"--steps={steps}",
-                            f"--warmup={warmup}", f"--device={device}"]))
+        rows.append(
+            _child(
+                [
+                    "one",
+                    f"--variant={name}",
+                    f"--patch={patch}",
+                    f"--steps={steps}",
+                    f"--warmup={warmup}",
+                    f"--device={device}",
+                ]
+            )
+        )
     for naive in (False, True):
         print(f"[bench_step] prototype operations{' (naive)' if naive else ''} ...", file=sys.stderr, flush=True)
         rows.append(_child(["prototypes", f"--patch={patch}", f"--naive={naive}", f"--device={device}"]))
     ref = next((r["median_s"] for r in rows if r["variant"] == "mt"), None)
     cpcl = next((r["median_s"] for r in rows if r["variant"] == "cpcl"), None)
     threads = torch.get_num_threads()
-    print(f"\nOne training step, batch 2 labeled + 2 unlabeled, {patch}^3, {device}, torch {torch.__version__}, "
-          f"{threads} threads; median of {steps} steps after {warmup} warm-up; peak = "
-          f"{'max allocated' if device.startswith('cuda') else 'peak RSS of the process'}\n")
+    print(
+        f"\nOne training step, batch 2 labeled + 2 unlabeled, {patch}^3, {device}, torch {torch.__version__}, "
+        f"{threads} threads; median of {steps} steps after {warmup} warm-up; peak = "
+        f"{'max allocated' if device.startswith('cuda') else 'peak RSS of the process'}\n"
+    )
     print("| variant | step (s) | peak memory (GB) | time / MT | share of CPCL step |")
     print("|---|---|---|---|---|")
     for r in rows:

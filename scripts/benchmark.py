@@ -121,7 +121,7 @@ def run(
 
     Args:
         output_dir: where runs, tables and figures go.
-        methods: names from ``cpcl_bundle.methods.METHODS`` or ``cpcl_bundle.benchmark.VARIANTS``.
+        methods: names from ``cpcl_bundle.methods.METHODS``.
         ratios: labeled fractions of the training split (``"[]"`` for none).
         labeled: numbers of labeled cases, e.g. ``"[8,16]"`` (the Left Atrium literature's 10 % and 20 %).
         seeds: one run per seed (split, initialisation and sampling all follow it).

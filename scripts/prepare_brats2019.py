@@ -30,7 +30,6 @@ stores whole numbers), as float32 otherwise. The label ratios of the study (10, 
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -44,9 +43,12 @@ if ROOT not in sys.path:
 
 from cpcl_bundle.prepare import (  # noqa: E402
     PrepareError,
+    as_int16_if_exact,
     case_entry,
     check_label_values,
     convert_all,
+    num_labeled,
+    read_image,
     run_cli,
     save_nifti,
     select_listed,
@@ -125,37 +127,6 @@ def modality_file(folder: Path, modality: str, meaning: str) -> Path:
     if matches:
         raise PrepareError(f"{folder}: {len(matches)} files *_{modality}.nii.gz ({meaning}), expected one")
     raise PrepareError(f"{folder}: no {folder.name}_{modality}.nii.gz ({meaning}) in the case folder")
-
-
-def num_labeled(ratio: float, num_training: int) -> int:
-    """Labeled cases a ``labeled_ratio`` gives (as ``cpcl_bundle.data.semi_supervised_split`` counts them)."""
-    return max(1, math.floor(ratio * num_training + 0.5))
-
-
-def as_int16_if_exact(array: np.ndarray) -> np.ndarray | None:
-    """``array`` as int16 when that changes no value (whole numbers within the int16 range), else None."""
-    if array.dtype == np.int16:
-        return array
-    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)) or not array.size:
-        return None
-    if array.min() < np.iinfo(np.int16).min or array.max() > np.iinfo(np.int16).max:
-        return None
-    converted = array.astype(np.int16)
-    return converted if np.array_equal(converted, array) else None
-
-
-def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """(array as stored, affine) of a 3-D NIfTI; errors name the file."""
-    import nibabel as nib
-
-    try:
-        image = nib.load(str(path))
-        array = np.asanyarray(image.dataobj)
-    except Exception as e:  # noqa: BLE001 - any reader failure is reported, with its type
-        raise PrepareError(f"{path}: unreadable NIfTI ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if array.ndim != 3:
-        raise PrepareError(f"{path}: shape {array.shape}, expected a 3-D volume")
-    return array, np.asarray(image.affine, dtype=np.float64)
 
 
 def read_case(image_path: str, label_path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -257,3 +257,36 @@ def test_paper_protocol_preset_overrides_the_cpu_demo():
     default_crops["bundle_root"] = str(ROOT)
     names = [type(t).__name__ for t in default_crops.get_parsed_content("train#labeled_crop")]
     assert names == ["CropForegroundd", "SpatialPadd", "RandCropByPosNegLabeld"]  # the demo's kidney-ROI crops
+
+
+@pytest.mark.parametrize("method", ["uamt", "entropy_min", "ict", "dan", "dtml", "cpcl_released"])
+def test_every_baseline_trains_through_the_bundle_config_into_a_plain_network(method, tiny_dataset, tmp_path):
+    """``--method <name>`` with train.json as it ships: a step with validation and the final checkpoint, which
+    loads strictly into inference.json's ``network_def`` (no dropout hook, discriminator or second network
+    leaks into what export and MONAI Label load)."""
+    wf = _workflow(
+        "train",
+        TRAIN,
+        dataset_dir=str(tiny_dataset),
+        output_dir=str(tmp_path),
+        ckpt_dir=str(tmp_path / "models"),
+        method=method,
+        labeled_ratio=0.34,  # 2 labeled cases: the released code pairs labeled and unlabeled images one to one
+        iterations_per_epoch=1,
+        max_iterations=1,
+        val_interval=1,
+        map_interval=1,
+        **TINY,
+    )
+    wf.initialize()
+    wf.run()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert trainer.state.iteration == 1 and trainer.method.name == method
+    from cpcl_bundle.trainer import loss_terms
+
+    assert {f"loss_{t}" for t in trainer.method.terms} <= set(loss_terms(trainer.state.output))
+    wf.finalize()
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    parser.get_parsed_content("network_def").load_state_dict(state, strict=True)

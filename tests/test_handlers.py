@@ -8,13 +8,14 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Fig. 6 maps: recorded by the trainer on request, written to TensorBoard and as PNG montages."""
+"""Fig. 6 maps: taken from the trainer's step on the shown iterations, written to TensorBoard and as PNG montages."""
 
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
-from cpcl_bundle.handlers import PANELS, PrototypeMapHandler, map_panels, pick_slice
+from cpcl_bundle import handlers as handlers_module
+from cpcl_bundle.handlers import PANELS, PrototypeMapHandler, map_panels, pick_slice, probe_maps
 from cpcl_bundle.losses import supervised_loss
 from cpcl_bundle.trainer import CPCLTrainer, paper_optimizer
 from tests.helpers import blob_batch
@@ -26,27 +27,38 @@ def test_pick_slice_finds_the_foreground():
     assert pick_slice(vol) == 4 and pick_slice(torch.zeros(4, 5, 6)) == 3
 
 
-def test_maps_reach_tensorboard_and_png_only_every_interval(tiny_net, tmp_path):
+def test_maps_reach_tensorboard_and_png_only_every_interval(tiny_net, tmp_path, monkeypatch):
     labeled = DataLoader(blob_batch(2, seed=1), batch_size=2)
     unlabeled = DataLoader(blob_batch(2, seed=2, with_label=False), batch_size=2)
     handler = PrototypeMapHandler(log_dir=str(tmp_path / "tb"), interval=2, png_dir=tmp_path / "png")
-    trainer = CPCLTrainer("cpu", 3, labeled, tiny_net, paper_optimizer(tiny_net.parameters()), supervised_loss(),
-                          unlabeled_data_loader=unlabeled, method="cpcl", train_handlers=[handler])
+    trainer = CPCLTrainer(
+        "cpu",
+        3,
+        labeled,
+        tiny_net,
+        paper_optimizer(tiny_net.parameters()),
+        supervised_loss(),
+        unlabeled_data_loader=unlabeled,
+        method="cpcl",
+        train_handlers=[handler],
+    )
     recorded = []
-    orig = trainer._record_maps
+    orig = handlers_module.step_maps
 
     def spy(*args):
         recorded.append(trainer.state.iteration)
         return orig(*args)
 
-    trainer._record_maps = spy
+    monkeypatch.setattr(handlers_module, "step_maps", spy)
     trainer.run()
-    assert recorded == [2]  # only the requested step pays for the maps
+    assert set(recorded) == {2}  # only the requested step pays for the maps
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0}).Reload()
     tags = set(acc.Tags()["images"])
     assert {f"prototype_maps/{p}" for p in ("x_u", "p_u", "x_l", "y_l", "p_l")} <= tags
-    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["prototype_maps_000002.npz",
-                                                                    "prototype_maps_000002.png"]
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [
+        "prototype_maps_000002.npz",
+        "prototype_maps_000002.png",
+    ]
 
 
 def test_fixed_probe_follows_one_slice_through_training(tiny_net, tmp_path):
@@ -57,8 +69,17 @@ def test_fixed_probe_follows_one_slice_through_training(tiny_net, tmp_path):
     labeled = DataLoader(blob_batch(4, seed=1), batch_size=2)  # two different batches alternate
     unlabeled = DataLoader(blob_batch(4, seed=2, with_label=False), batch_size=2)
     handler = PrototypeMapHandler(log_dir=str(tmp_path / "tb"), interval=1, png_dir=tmp_path / "png")
-    trainer = CPCLTrainer("cpu", 2, labeled, tiny_net, paper_optimizer(tiny_net.parameters()), supervised_loss(),
-                          unlabeled_data_loader=unlabeled, method="cpcl", train_handlers=[handler])
+    trainer = CPCLTrainer(
+        "cpu",
+        2,
+        labeled,
+        tiny_net,
+        paper_optimizer(tiny_net.parameters()),
+        supervised_loss(),
+        unlabeled_data_loader=unlabeled,
+        method="cpcl",
+        train_handlers=[handler],
+    )
     trainer.run()
     snapshots = load_snapshots(tmp_path / "png")
     assert sorted(snapshots) == [1, 2, 3, 4]
@@ -71,15 +92,21 @@ def test_fixed_probe_follows_one_slice_through_training(tiny_net, tmp_path):
     # probing is side-effect free: same weights in, same maps out, weights unchanged
     before = {k: v.clone() for k, v in tiny_net.state_dict().items()}
     x_l, y_l, x_u = (torch.from_numpy(first[k])[None, :, :, None].repeat(1, 1, 1, 16) for k in ("x_l", "y_l", "x_u"))
-    a, b = trainer.probe_maps(x_l, y_l, x_u), trainer.probe_maps(x_l, y_l, x_u)
+    a, b = probe_maps(trainer, x_l, y_l, x_u), probe_maps(trainer, x_l, y_l, x_u)
     assert all(torch.equal(a[k], b[k]) for k in a if a[k] is not None)
     assert all(torch.equal(v, tiny_net.state_dict()[k]) for k, v in before.items())
 
 
 def test_map_panels_are_unit_range_slices():
-    maps = {"x_l": torch.randn(1, 8, 8, 4) * 100, "y_l": torch.zeros(1, 8, 8, 4), "p_l": torch.rand(2, 8, 8, 4),
-            "x_u": torch.randn(1, 8, 8, 4), "p_u": torch.rand(2, 8, 8, 4), "p_l2u": torch.rand(2, 8, 8, 4),
-            "p_u2l": None}
+    maps = {
+        "x_l": torch.randn(1, 8, 8, 4) * 100,
+        "y_l": torch.zeros(1, 8, 8, 4),
+        "p_l": torch.rand(2, 8, 8, 4),
+        "x_u": torch.randn(1, 8, 8, 4),
+        "p_u": torch.rand(2, 8, 8, 4),
+        "p_l2u": torch.rand(2, 8, 8, 4),
+        "p_u2l": None,
+    }
     panels = map_panels(maps)
     assert set(panels) == set(PANELS) - {"p_u2l"}
     assert all(p.shape == (8, 8) and p.min() >= 0 and p.max() <= 1 for p in panels.values())

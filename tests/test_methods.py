@@ -16,7 +16,8 @@ from cpcl_bundle.methods import METHODS, Method, get_method
 
 
 def test_registry_has_the_papers_methods():
-    assert set(METHODS) == {"supervised", "mt", "fpcl", "bpcl", "cpcl", "mt_fpcl", "mt_bpcl", "mt_cpcl"}
+    table_ii = {"supervised", "mt", "fpcl", "bpcl", "cpcl", "mt_fpcl", "mt_bpcl", "mt_cpcl"}
+    assert table_ii | {"cpcl_detached", "cpcl_decoder"} <= set(METHODS)
     assert METHODS["cpcl"].terms == {"fpc", "bpc"}
     assert METHODS["mt_cpcl"].terms == {"fpc", "bpc", "mt"}
 
@@ -39,4 +40,6 @@ def test_errors():
     with pytest.raises(ValueError, match="unknown method"):
         get_method("cpcll")
     with pytest.raises(ValueError, match="unknown terms"):
-        Method("x", frozenset({"entropy"}))
+        Method("x", frozenset({"entropyy"}))
+    with pytest.raises(ValueError, match="unknown options"):
+        Method("x", frozenset({"fpc"}), options={"prototype_grd": False})

@@ -29,12 +29,44 @@ STEPS = 6
 
 def _cmd(dataset, out, *extra):
     return [
-        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN,
-        "--meta_file", META, "--logging_file", LOGGING, "--bundle_root", str(ROOT),
-        "--dataset_dir", str(dataset), "--output_dir", str(out), "--ckpt_dir", str(out / "models"),
-        "--max_iterations", str(STEPS), "--iterations_per_epoch", "2", "--val_interval", "1",
-        "--checkpoint_interval", "1", "--method", "mt_cpcl", "--labeled_ratio", "0.34",
-        "--patch_size", "[32,32,32]", "--sw_roi_size", "[32,32,32]", "--cache_workers", "1", *extra,
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        TRAIN,
+        "--meta_file",
+        META,
+        "--logging_file",
+        LOGGING,
+        "--bundle_root",
+        str(ROOT),
+        "--dataset_dir",
+        str(dataset),
+        "--output_dir",
+        str(out),
+        "--ckpt_dir",
+        str(out / "models"),
+        "--max_iterations",
+        str(STEPS),
+        "--iterations_per_epoch",
+        "2",
+        "--val_interval",
+        "1",
+        "--checkpoint_interval",
+        "1",
+        "--method",
+        "mt_cpcl",
+        "--labeled_ratio",
+        "0.34",
+        "--patch_size",
+        "[32,32,32]",
+        "--sw_roi_size",
+        "[32,32,32]",
+        "--cache_workers",
+        "1",
+        *extra,
     ]
 
 
@@ -66,8 +98,13 @@ def test_killed_and_resumed_run_equals_the_straight_run_and_runs_are_determinist
     assert _val_dice(log_a) == _val_dice(log_b) and len(_val_dice(log_a)) == STEPS // 2
 
     # SIGKILL half-way, then resume with one setting
-    proc = subprocess.Popen(_cmd(tiny_dataset, killed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _cmd(tiny_dataset, killed),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         found = latest_checkpoint(killed / "checkpoints")
@@ -130,3 +167,55 @@ def test_resume_setting_typed_on_the_command_line_means_what_it_says(tmp_path):
     assert ResumeCheckpoint(tmp_path, resume=False).resume is False
     with pytest.raises(ValueError, match="resume must be true or false"):
         ResumeCheckpoint(tmp_path, resume="maybe")
+
+
+@pytest.mark.parametrize("method", ["dan", "dtml", "uamt", "ict"])
+def test_terms_with_their_own_state_or_randomness_resume_exactly(method, tmp_path):
+    """In process: a run stopped after 2 of 4 steps and resumed from its checkpoint ends with the weights of the
+    straight run, the student, the teacher and the term's own module and optimiser (DAN's discriminator,
+    DTML's distance network) alike."""
+    from ignite.engine import Events
+    from torch.utils.data import DataLoader
+
+    from cpcl_bundle.losses import supervised_loss
+    from cpcl_bundle.networks import unet3d
+    from cpcl_bundle.resume import ResumeCheckpoint
+    from cpcl_bundle.trainer import CPCLTrainer, paper_optimizer
+    from tests.helpers import TINY_FEATURES, blob_batch
+
+    def trainer(folder, resume=False, stop_at=None):
+        torch.manual_seed(int(resume))  # a resumed run starts from other weights and RNG: the checkpoint restores all
+        net = unet3d(features=TINY_FEATURES)
+        optimizer = paper_optimizer(net.parameters())
+        handler = ResumeCheckpoint(
+            folder, interval=2, objects={"optimizer": optimizer, "rng": TrainingRNG()}, resume=resume
+        )
+        engine = CPCLTrainer(
+            "cpu",
+            4,
+            DataLoader(blob_batch(2, seed=1), batch_size=2),
+            net,
+            optimizer,
+            supervised_loss(),
+            train_handlers=[handler],
+            method=method,
+            unlabeled_data_loader=DataLoader(blob_batch(2, seed=2, with_label=False), batch_size=2),
+        )
+        if stop_at is not None:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(once=stop_at), lambda e: e.terminate())
+        return engine
+
+    torch.manual_seed(0)
+    straight = trainer(tmp_path / "a")
+    straight.run()
+    trainer(tmp_path / "b", stop_at=2).run()
+    resumed = trainer(tmp_path / "b", resume=True)
+    resumed.run()
+    assert resumed.state.iteration == 4
+    pairs = [(straight.network, resumed.network)] + [(straight.teacher, resumed.teacher)] * (method in ("uamt", "ict"))
+    for a, b in pairs:
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    term_a, term_b = straight.terms[0], resumed.terms[0]
+    if term_a.has_state:
+        state_a, state_b = term_a.module.state_dict(), term_b.module.state_dict()
+        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
