@@ -38,7 +38,15 @@ from cpcl_bundle.methods import TRAINER_OPTIONS, Method, get_method
 from cpcl_bundle.networks import FeatureTap
 from cpcl_bundle.terms import Step
 
-__all__ = ["CPCLTrainer", "TERM_KEYS", "attach_teacher", "loss_terms", "paper_optimizer", "poly_lr_handler"]
+__all__ = [
+    "CPCLTrainer",
+    "StopAtIteration",
+    "TERM_KEYS",
+    "attach_teacher",
+    "loss_terms",
+    "paper_optimizer",
+    "poly_lr_handler",
+]
 
 TERM_KEYS = ("loss", "loss_sup", "lambda", "lr", "skipped_nonfinite")
 """Scalars every iteration puts in ``engine.state.output``; each term adds ``loss_<name>`` and its own."""
@@ -70,6 +78,27 @@ def poly_lr_handler(optimizer: torch.optim.Optimizer, total_steps: int, power: f
     """Poly decay ``lr_t = lr_0 (1 - t / T)^0.9`` stepped every iteration, as MONAI's ``LrScheduleHandler``."""
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=int(total_steps), power=power)
     return LrScheduleHandler(scheduler, print_lr=False, epoch_level=False)
+
+
+class StopAtIteration:
+    """Ends a run after ``max_iterations`` steps; at an epoch's last iteration only once the epoch's handlers
+    (validation, checkpoints) have run."""
+
+    def __init__(self, max_iterations: int) -> None:
+        if int(max_iterations) < 1:
+            raise ValueError(f"max_iterations must be at least 1, got {max_iterations}")
+        self.max_iterations = int(max_iterations)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        at_epoch_end = engine.state.epoch_length and engine.state.iteration % engine.state.epoch_length == 0
+        if engine.state.iteration >= self.max_iterations and (
+            engine.last_event_name == Events.EPOCH_COMPLETED or not at_epoch_end
+        ):
+            engine.terminate()
 
 
 def attach_teacher(
@@ -194,10 +223,7 @@ class CPCLTrainer(Trainer):
         self.guard = NonFiniteGuard(max_nonfinite_steps, self.logger)
         self.max_iterations = None if max_iterations is None else int(max_iterations)
         if self.max_iterations is not None:
-            if self.max_iterations < 1:
-                raise ValueError(f"max_iterations must be at least 1, got {max_iterations}")
-            self.add_event_handler(Events.ITERATION_COMPLETED, self._stop_at_max_iterations)
-            self.add_event_handler(Events.EPOCH_COMPLETED, self._stop_at_max_iterations)
+            StopAtIteration(self.max_iterations).attach(self)
         self.ema, self.teacher = (
             attach_teacher(self, network, teacher, ema_decay) if self.method.needs_teacher else (None, None)
         )
@@ -216,15 +242,6 @@ class CPCLTrainer(Trainer):
         """Length of the run in steps: ``max_epochs * epoch_length``, capped by ``max_iterations``."""
         total = (self.state.max_epochs or 1) * (self.state.epoch_length or 1)
         return total if self.max_iterations is None else min(total, self.max_iterations)
-
-    def _stop_at_max_iterations(self, engine: Engine) -> None:
-        """Stop at ``max_iterations``; at an epoch's last iteration, only once the epoch's handlers
-        (validation, checkpoints) have run."""
-        at_epoch_end = engine.state.epoch_length and engine.state.iteration % engine.state.epoch_length == 0
-        if engine.state.iteration >= self.max_iterations and (
-            engine.last_event_name == Events.EPOCH_COMPLETED or not at_epoch_end
-        ):
-            engine.terminate()
 
     def consistency_weight(self, iteration: int) -> float:
         """``lambda(t)`` at 1-based ``iteration`` (``t = iteration - 1``), ``t_max`` = the whole run by default."""
