@@ -15,9 +15,9 @@ Medical Image Segmentation", IEEE JBHI 26(7), 2022.
 """
 
 __version__ = "0.4.0"
+#: The bundle's name (zoo folder and zip name, MONAI Label model name). "segmentation" in it makes MONAI Label
+#: treat it as a segmentation model; a bundle name must not contain "_v" (the zoo splits versions on it).
 BUNDLE_NAME = "cpcl_kidney_ct_segmentation"
-"""The bundle's name (zoo folder and zip name, MONAI Label model name). "segmentation" in it makes MONAI Label
-treat it as a segmentation model; a bundle name must not contain "_v" (the zoo splits versions on it)."""
 
 import importlib  # noqa: E402
 

@@ -62,8 +62,8 @@ __all__ = [
     "write_reports",
 ]
 
+#: The method every other is tested against (the paper's ``*``).
 REFERENCE = "cpcl"
-"""The method every other is tested against (the paper's ``*``)."""
 
 HIGHER_IS_BETTER = {"dice": True, "jaccard": True, "hd95_mm": False, "asd_mm": False}
 HEADERS = {"dice": "Dice (%)", "jaccard": "Jaccard (%)", "hd95_mm": "95HD (mm)", "asd_mm": "ASD (mm)"}

@@ -57,8 +57,8 @@ __all__ = [
 ]
 
 METRICS = ("dice", "jaccard", "hd95_mm", "asd_mm")
+#: Allowed values of ``definition``: the paper's distances (medpy's, default) or MONAI's.
 DEFINITIONS = ("paper", "monai")
-"""Allowed values of ``definition``: the paper's distances (medpy's, default) or MONAI's."""
 
 
 def spacing_of(affine: Any) -> tuple[float, ...]:

@@ -35,9 +35,9 @@ __all__ = [
     "load_snapshots",
 ]
 
+#: Fig. 6 of the paper: unlabeled image, teacher P_u, L2U prediction; labeled image, label, student P_l,
+#: U2L prediction (foreground channel of each probability map).
 PANELS = ("x_u", "p_u", "p_l2u", "x_l", "y_l", "p_l", "p_u2l")
-"""Fig. 6 of the paper: unlabeled image, teacher P_u, L2U prediction; labeled image, label, student P_l,
-U2L prediction (foreground channel of each probability map)."""
 
 
 def pick_slice(volume: torch.Tensor, axis: int = -1) -> int:

@@ -45,12 +45,12 @@ __all__ = [
     "consistency_weight",
 ]
 
+#: beta of Eq. 11: the weight of L_bpc relative to L_fpc.
 PAPER_BETA = 10.0
-"""beta of Eq. 11: the weight of L_bpc relative to L_fpc."""
+#: w_max of Eq. 11's lambda(t).
 PAPER_W_MAX = 0.1
-"""w_max of Eq. 11's lambda(t)."""
+#: alpha of Eq. 5 and 9.
 PAPER_PROTOTYPE_SCALE = 20.0
-"""alpha of Eq. 5 and 9."""
 
 
 def supervised_loss(**kwargs) -> DiceCELoss:

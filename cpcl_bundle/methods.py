@@ -22,11 +22,11 @@ from cpcl_bundle import terms as _terms
 
 __all__ = ["Method", "METHODS", "TERMS", "TRAINER_OPTIONS", "get_method"]
 
+#: Every registered term class by name (see :mod:`cpcl_bundle.terms`).
 TERMS = _terms.TERMS
-"""Every registered term class by name (see :mod:`cpcl_bundle.terms`)."""
 
+#: Trainer settings a method may fix besides its terms' knobs.
 TRAINER_OPTIONS = frozenset({"rampup", "rampup_length", "rampup_step_size"})
-"""Trainer settings a method may fix besides its terms' knobs."""
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,13 @@ from monai.networks.nets import BasicUNet
 
 __all__ = ["PAPER_FEATURES", "FEATURE_LAYERS", "unet3d", "FeatureTap", "unwrap", "forward_with_features"]
 
+#: Channels of BasicUNet's five encoder levels and of the last decoder level.
 PAPER_FEATURES = (16, 32, 64, 128, 256, 16)
-"""Channels of BasicUNet's five encoder levels and of the last decoder level."""
 
+#: Aliases for the layers whose output can serve as ``F``. ``encoder`` is the paper's choice (the last
+#: convolution of the encoder: 256 channels at 1/16 of the crop); ``decoder_half`` is the released code's
+#: kind of layer (a decoder stage at half resolution, 32 channels).
 FEATURE_LAYERS = {"encoder": "down_4", "bottleneck": "down_4", "decoder_half": "upcat_2", "decoder_full": "upcat_1"}
-"""Aliases for the layers whose output can serve as ``F``. ``encoder`` is the paper's choice (the last
-convolution of the encoder: 256 channels at 1/16 of the crop); ``decoder_half`` is the released code's
-kind of layer (a decoder stage at half resolution, 32 channels)."""
 
 
 def unet3d(
@@ -94,7 +94,9 @@ class FeatureTap:
         modules = dict(unwrap(network).named_modules())
         if name not in modules or name == "":
             choices = sorted(set(FEATURE_LAYERS) | {k for k in modules if k and "." not in k})
-            raise ValueError(f"feature layer {layer!r} is not in {type(unwrap(network)).__name__}; choose from {choices}")
+            raise ValueError(
+                f"feature layer {layer!r} is not in {type(unwrap(network)).__name__}; choose from {choices}"
+            )
         self.layer = name
         self.module = modules[name]
         self.features: torch.Tensor | None = None

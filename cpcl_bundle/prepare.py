@@ -53,8 +53,8 @@ __all__ = [
     "run_cli",
 ]
 
+#: The published case lists shipped with the bundle (``configs/splits/<data set>/``).
 SPLITS_DIR = Path(__file__).resolve().parents[1] / "configs" / "splits"
-"""The published case lists shipped with the bundle (``configs/splits/<data set>/``)."""
 
 
 class PrepareError(ValueError):

@@ -104,9 +104,7 @@ def one_hot_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         )
     idx = labels[:, 0].round().long() if labels.is_floating_point() else labels[:, 0].long()
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_classes):
-        raise ValueError(
-            f"label values must lie in [0, {num_classes - 1}], found [{int(idx.min())}, {int(idx.max())}]"
-        )
+        raise ValueError(f"label values must lie in [0, {num_classes - 1}], found [{int(idx.min())}, {int(idx.max())}]")
     return torch.movedim(F.one_hot(idx, num_classes), -1, 1).float()
 
 
@@ -122,10 +120,7 @@ def _check_features(features: torch.Tensor, mask_shape: Sequence[int]) -> None:
 
 
 def masked_average_prototypes_per_image(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
-    weights: torch.Tensor | None = None,
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image masked average pooling of the upsampled features (Eq. 3 and 8, inner fraction).
 
@@ -164,10 +159,7 @@ def masked_average_prototypes_per_image(
 
 
 def masked_average_prototypes(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
-    weights: torch.Tensor | None = None,
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class prototypes of a batch by masked average pooling (Eq. 3, 4 and 8).
 
@@ -228,11 +220,7 @@ def upsampled_feature_norm_sq(features: torch.Tensor, size: Sequence[int]) -> to
 
 
 def prototype_logits(
-    features: torch.Tensor,
-    prototypes: torch.Tensor,
-    size: int | Sequence[int],
-    scale: float = 20.0,
-    eps: float = 1e-12,
+    features: torch.Tensor, prototypes: torch.Tensor, size: int | Sequence[int], scale: float = 20.0, eps: float = 1e-12
 ) -> torch.Tensor:
     """``scale * cos((U F)(x), p_k)`` at every voxel of ``size`` (Eq. 5 and 9 before the softmax).
 
@@ -259,9 +247,7 @@ def prototype_logits(
     elif protos.ndim == 3 and protos.shape[0] == feats.shape[0]:
         dots = torch.einsum("bc...,bkc->bk...", feats, protos)
     else:
-        raise ValueError(
-            f"prototypes must be [K, C] or [B, K, C] with B = {feats.shape[0]}, got {tuple(protos.shape)}"
-        )
+        raise ValueError(f"prototypes must be [K, C] or [B, K, C] with B = {feats.shape[0]}, got {tuple(protos.shape)}")
     if tuple(feats.shape[2:]) != size:
         dots = F.interpolate(dots, size=size, mode=_LINEAR_MODE[n], align_corners=False)
     norm_f = upsampled_feature_norm_sq(feats, size).clamp_min(eps * eps).sqrt().unsqueeze(1)  # [B, 1, *S]
@@ -271,10 +257,7 @@ def prototype_logits(
 
 
 def prototype_probabilities(
-    features: torch.Tensor,
-    prototypes: torch.Tensor,
-    size: int | Sequence[int],
-    scale: float = 20.0,
+    features: torch.Tensor, prototypes: torch.Tensor, size: int | Sequence[int], scale: float = 20.0
 ) -> torch.Tensor:
     """Prototype prediction ``P(j)(x) = softmax_j(-scale d(F(x), p_j))`` with cosine distance (Eq. 5, 9).
 

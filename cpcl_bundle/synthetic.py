@@ -65,14 +65,14 @@ from scipy import ndimage
 
 __all__ = ["Tissue", "Phantom", "render_phantom", "generate_case", "case_seed", "generate_dataset", "SPLITS"]
 
+#: Sub-slices rendered per output slice (odd: the middle one lies on the voxel centre and gives the label).
 SUB = 3
-"""Sub-slices rendered per output slice (odd: the middle one lies on the voxel centre and gives the label)."""
 
+#: Tissue value of a part's voxels that the part leaves untouched.
 NONE = 255
-"""Tissue value of a part's voxels that the part leaves untouched."""
 
+#: Data-set splits, in the order that enters each case's seed (:func:`case_seed`).
 SPLITS = ("training", "validation", "test", "unlabeled")
-"""Data-set splits, in the order that enters each case's seed (:func:`case_seed`)."""
 
 _FOLDERS: dict[str, tuple[str, str | None]] = {
     "training": ("imagesTr", "labelsTr"),
@@ -115,16 +115,16 @@ class Tissue(enum.IntEnum):
     NECROSIS = 26
 
 
+#: Contrast phases of the phantoms: late-arterial with corticomedullary differentiation (as most of KiTS19),
+#: nephrographic (cortex and medulla alike) and early or poor enhancement (cortex no brighter than the spleen).
 PHASES = ("corticomedullary", "nephrographic", "early")
-"""Contrast phases of the phantoms: late-arterial with corticomedullary differentiation (as most of KiTS19),
-nephrographic (cortex and medulla alike) and early or poor enhancement (cortex no brighter than the spleen)."""
 PHASE_PROBABILITIES = (0.5, 0.3, 0.2)
+#: Share of cases with a renal tumour (labeled kidney, as KiTS19's kidney-and-tumour foreground).
 TUMOUR_PROBABILITY = 0.75
-"""Share of cases with a renal tumour (labeled kidney, as KiTS19's kidney-and-tumour foreground)."""
+#: Share of cases after a nephrectomy (one kidney absent).
 ABSENT_KIDNEY_PROBABILITY = 0.06
-"""Share of cases after a nephrectomy (one kidney absent)."""
+#: Recorded in ``dataset.json``: data sets made by another version are reported, not silently reused.
 GENERATOR_VERSION = 2
-"""Recorded in ``dataset.json``: data sets made by another version are reported, not silently reused."""
 
 
 T = Tissue
@@ -157,8 +157,9 @@ class _Field:
     def __call__(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Values on the grid of the 1-D coordinates ``x``, ``y``, ``z`` (mm): float32 [len(x), len(y), len(z)]."""
         bx, by, bz = (
-            (math.sqrt(2.0) * np.cos(2 * np.pi * f[:, None] * np.asarray(c, np.float64)[None, :] + p[:, None]))
-            .astype(np.float32)
+            (math.sqrt(2.0) * np.cos(2 * np.pi * f[:, None] * np.asarray(c, np.float64)[None, :] + p[:, None])).astype(
+                np.float32
+            )
             for f, p, c in zip(self.freq, self.phase, (x, y, z))
         )
         # numpy's own einsum loops, not BLAS: fast for these shapes and independent of the thread count
@@ -470,9 +471,7 @@ def _pyramid_axes(rng: np.random.Generator, n: int = 14) -> np.ndarray:
     return points[points[:, 1] < 0.35].astype(np.float32)
 
 
-def _sample_kidney(
-    rng: np.random.Generator, sc: float, side: int, spine: _Spine, z: float, small: bool
-) -> _Kidney:
+def _sample_kidney(rng: np.random.Generator, sc: float, side: int, spine: _Spine, z: float, small: bool) -> _Kidney:
     size = rng.uniform(0.6, 0.8) if small else 1.0
     semi = np.array([rng.uniform(50, 62), rng.uniform(25, 32), rng.uniform(17, 24)]) * sc * size
     center = np.array([spine.x + side * rng.uniform(62, 80) * sc, spine.y_at(z) - rng.uniform(0, 15) * sc, z])
@@ -717,12 +716,12 @@ def _sample_scan(rng: np.random.Generator, sc: float, anatomy: _Anatomy) -> _Sca
 
 def _body_section(x: np.ndarray, y: np.ndarray, body: _Body) -> np.ndarray:
     """2-D tissue map of the body cross-section: air, skin, subcutaneous fat, wall muscle, visceral fat."""
-    X, Y = x[:, None], y[None, :]
-    u, v = X / body.a, Y / np.where(Y >= 0, body.b_ant, body.b_post)
+    gx, gy = x[:, None], y[None, :]
+    u, v = gx / body.a, gy / np.where(gy >= 0, body.b_ant, body.b_post)
     theta = np.arctan2(v, u)
     wobble = 1.0 + sum(amp * np.cos(k * theta + ph) for k, amp, ph in body.wobble)
     rho = (np.abs(u) ** body.power + np.abs(v) ** body.power) ** (1.0 / body.power) / wobble
-    depth = (1.0 - rho) * np.hypot(X, Y) / np.maximum(rho, 1e-6)
+    depth = (1.0 - rho) * np.hypot(gx, gy) / np.maximum(rho, 1e-6)
     fat = body.skin + body.subq * (1.0 + body.subq_ant * np.clip(np.sin(theta), 0.0, None))
     out = np.full(rho.shape, T.VISCERAL_FAT, np.uint8)
     out[depth < fat + body.wall * (1.0 + np.clip(-np.sin(theta), 0.0, None))] = T.MUSCLE
@@ -734,12 +733,12 @@ def _body_section(x: np.ndarray, y: np.ndarray, body: _Body) -> np.ndarray:
 
 def _back_muscles(x: np.ndarray, y: np.ndarray, spine: _Spine) -> np.ndarray:
     """2-D map of the back muscle mass behind the spine and the quadrati lumborum (``NONE`` elsewhere)."""
-    X, Y = x[:, None] - spine.x, y[None, :] - spine.y
+    gx, gy = x[:, None] - spine.x, y[None, :] - spine.y
     gap, width, height = spine.back
-    (qx, qy, qa, qb) = spine.quadratus
-    back = (X / width) ** 4 + ((Y + spine.ry + gap + height) / height) ** 4 < 1.0
+    qx, qy, qa, qb = spine.quadratus
+    back = (gx / width) ** 4 + ((gy + spine.ry + gap + height) / height) ** 4 < 1.0
     out = np.full((len(x), len(y)), NONE, np.uint8)
-    out[back | _ellipse(np.abs(X) - qx, Y + qy, qa, qb)] = T.MUSCLE
+    out[back | _ellipse(np.abs(gx) - qx, gy + qy, qa, qb)] = T.MUSCLE
     return out
 
 
@@ -751,12 +750,12 @@ def _psoas(grid: _Grid, spine: _Spine) -> _Part | None:
     box = grid.box((spine.x - reach, spine.y - drift, -np.inf), (spine.x + reach, spine.y + drift, np.inf))
     if box is None:
         return None
-    X, Y, Z = box.mesh()
-    r = np.clip(r_ref - growth * Z, 0.2 * r_max, r_max)
-    yc = spine.y_at(Z) + dy
+    gx, gy, gz = box.mesh()
+    r = np.clip(r_ref - growth * gz, 0.2 * r_max, r_max)
+    yc = spine.y_at(gz) + dy
     out = np.full(box.shape, NONE, np.uint8)
     for side in (-1, 1):
-        out[_ellipse(X - spine.x - side * (spine.rx + 0.8 * r), Y - yc, r, 0.85 * r)] = T.MUSCLE
+        out[_ellipse(gx - spine.x - side * (spine.rx + 0.8 * r), gy - yc, r, 0.85 * r)] = T.MUSCLE
     return _Part(box.index, out)
 
 
@@ -767,22 +766,22 @@ def _spine(grid: _Grid, sp: _Spine) -> _Part | None:
     box = grid.box(lo, hi)
     if box is None:
         return None
-    X, Y, Z = box.mesh()
-    X, Y = X - sp.x, Y - sp.y_at(Z)
-    level = np.mod(Z - sp.phase, sp.period)
+    gx, gy, gz = box.mesh()
+    gx, gy = gx - sp.x, gy - sp.y_at(gz)
+    level = np.mod(gz - sp.phase, sp.period)
     disc = level < sp.disc
     endplate = (level < sp.disc + sp.cortex) | (level > sp.period - sp.cortex)
     arch = ~disc & (level < sp.period - sp.disc / 2)
     transverse = (level > sp.disc + 0.25 * sp.period) & (level < sp.disc + 0.55 * sp.period)
     out = np.full(box.shape, NONE, np.uint8)
     yc = -sp.ry - sp.canal - 1.0
-    ring = _ellipse(X, Y - yc, 1.5 * sp.canal, 1.5 * sp.canal)
-    spinous = (np.abs(X) < 0.3 * sp.canal) & (Y < yc) & (Y > yc - sp.canal - sp.spinous)
-    processes = (np.abs(Y - yc + 0.2 * np.abs(X)) < 0.3 * sp.canal) & (np.abs(X) < sp.transverse)
+    ring = _ellipse(gx, gy - yc, 1.5 * sp.canal, 1.5 * sp.canal)
+    spinous = (np.abs(gx) < 0.3 * sp.canal) & (gy < yc) & (gy > yc - sp.canal - sp.spinous)
+    processes = (np.abs(gy - yc + 0.2 * np.abs(gx)) < 0.3 * sp.canal) & (np.abs(gx) < sp.transverse)
     out[arch & (ring | spinous) | transverse & processes] = T.BONE
-    out[_ellipse(X, Y - yc, sp.canal, sp.canal)] = T.CSF
-    body = _ellipse(X, Y, sp.rx, sp.ry)
-    core = _ellipse(X, Y, sp.rx - sp.cortex, sp.ry - sp.cortex)
+    out[_ellipse(gx, gy - yc, sp.canal, sp.canal)] = T.CSF
+    body = _ellipse(gx, gy, sp.rx, sp.ry)
+    core = _ellipse(gx, gy, sp.rx - sp.cortex, sp.ry - sp.cortex)
     out[body] = np.where(disc, T.DISC, np.where(core & ~endplate, T.MARROW, T.BONE))[body]
     return _Part(box.index, out)
 
@@ -792,12 +791,12 @@ def _tube(grid: _Grid, points: np.ndarray, radius: float, tissue: Tissue) -> _Pa
     box = grid.box(points.min(0) - radius, points.max(0) + radius)
     if box is None:
         return None
-    P = box.mesh()
+    pts = box.mesh()
     dist2 = np.full(box.shape, np.inf, np.float32)
     for a, b in zip(points[:-1].tolist(), points[1:].tolist()):
         d = [bi - ai for ai, bi in zip(a, b)]
-        t = np.clip(sum((P[i] - a[i]) * d[i] for i in range(3)) / sum(di * di for di in d), 0.0, 1.0)
-        dist2 = np.minimum(dist2, sum((P[i] - a[i] - t * d[i]) ** 2 for i in range(3)))
+        t = np.clip(sum((pts[i] - a[i]) * d[i] for i in range(3)) / sum(di * di for di in d), 0.0, 1.0)
+        dist2 = np.minimum(dist2, sum((pts[i] - a[i] - t * d[i]) ** 2 for i in range(3)))
     return _Part(box.index, np.where(dist2 < radius**2, np.uint8(tissue), np.uint8(NONE)))
 
 
@@ -814,10 +813,10 @@ def _organ(grid: _Grid, organ: _Organ, tissue: Tissue) -> _Part | None:
     box = grid.box(organ.center - ext, organ.center + ext)
     if box is None:
         return None
-    R = organ.rotation.astype(np.float32)
+    rot = organ.rotation.astype(np.float32)
     d = [c - c0 for c, c0 in zip(box.mesh(), organ.center.tolist())]
     # skipping zero coefficients keeps u two-dimensional (a rotation about z, then about x)
-    u, v, w = (sum(R[i, j] * d[i] for i in range(3) if R[i, j] != 0) for j in range(3))
+    u, v, w = (sum(rot[i, j] * d[i] for i in range(3) if rot[i, j] != 0) for j in range(3))
     w = w + organ.shear * u
     q = (u / a) ** 2 + (v / b) ** 2 + (w / h) ** 2 + organ.bump * organ.bumps(box.x, box.y, box.z)
     inside = q < 1.0
@@ -849,8 +848,8 @@ def _colon(grid: _Grid, colon: _Colon, stool: _Field) -> _Part | None:
     box = grid.box((colon.x - reach, colon.y - reach, -np.inf), (colon.x + reach, colon.y + reach, np.inf))
     if box is None:
         return None
-    X, Y, Z = box.mesh()
-    dx, dy = X - colon.x - colon.drift[0] * Z, Y - colon.y - colon.drift[1] * Z
+    gx, gy, gz = box.mesh()
+    dx, dy = gx - colon.x - colon.drift[0] * gz, gy - colon.y - colon.drift[1] * gz
     r2 = dx**2 + dy**2
     lumen = r2 < (colon.radius - 2.5) ** 2
     out = np.full(box.shape, NONE, np.uint8)
@@ -886,23 +885,23 @@ def _kidney(grid: _Grid, k: _Kidney) -> _Part | None:
     if box is None:
         return None
     d = [c - c0 + k.warp_mm * f(box.x, box.y, box.z) for c, c0, f in zip(box.mesh(), k.center.tolist(), k.warp)]
-    R = k.rotation.astype(np.float32)
-    U, V, W = (sum(R[i, j] * d[i] for i in range(3)) for j in range(3))
-    A, B, C = k.semi.tolist()
-    Ve = V - k.bend * B * (U / A) ** 2
-    rho, depth = _ellipsoid_depth(U, Ve, W, A, B, C)
+    rot = k.rotation.astype(np.float32)
+    ku, kv, kw = (sum(rot[i, j] * d[i] for i in range(3)) for j in range(3))
+    sa, sb, sc = k.semi.tolist()
+    kv_bent = kv - k.bend * sb * (ku / sa) ** 2
+    rho, depth = _ellipsoid_depth(ku, kv_bent, kw, sa, sb, sc)
 
     def blob(v0: float, a: float, b: float, c: float) -> np.ndarray:
-        return (U / (a * A)) ** 2 + ((Ve - v0 * B) / (b * B)) ** 2 + (W / (c * C)) ** 2 < 1.0
+        return (ku / (a * sa)) ** 2 + ((kv_bent - v0 * sb) / (b * sb)) ** 2 + (kw / (c * sc)) ** 2 < 1.0
 
-    notch_depth = _ellipsoid_depth(U, Ve - 1.25 * B, W, 0.3 * A, 0.6 * B, 0.5 * C)[1]
+    notch_depth = _ellipsoid_depth(ku, kv_bent - 1.25 * sb, kw, 0.3 * sa, 0.6 * sb, 0.5 * sc)[1]
     notch = notch_depth > 0
     sinus = blob(0.35, 0.55, 0.42, 0.45)
     pelvis = blob(0.62, 0.22, 0.45, 0.22)
-    inside = _smooth_min(depth, -notch_depth, 0.1 * C) > 0  # the hilum lips rounded: no slivers
+    inside = _smooth_min(depth, -notch_depth, 0.1 * sc) > 0  # the hilum lips rounded: no slivers
     rim = k.rim * np.clip(1.0 + 1.2 * k.rim_field(box.x, box.y, box.z), 0.0, 2.5)
     core = inside & (depth > k.cortex) & ~sinus
-    direction = np.stack([U[core] / A, (Ve[core] - 0.35 * B) / B, W[core] / C])
+    direction = np.stack([ku[core] / sa, (kv_bent[core] - 0.35 * sb) / sb, kw[core] / sc])
     direction /= np.maximum(np.sqrt((direction**2).sum(0)), 1e-6)
     medulla = np.zeros(box.shape, bool)
     medulla[core] = np.einsum("nc,cm->nm", k.pyramids, direction).max(0) > k.pyramid_cos
@@ -915,7 +914,7 @@ def _kidney(grid: _Grid, k: _Kidney) -> _Part | None:
     out[pelvis & (rho < 1.15)] = T.PELVIS
     label = inside.copy()
     for (cu, cv, cw), radius in k.cysts:
-        cyst = (U - cu) ** 2 + (V - cv) ** 2 + (W - cw) ** 2 < radius**2
+        cyst = (ku - cu) ** 2 + (kv - cv) ** 2 + (kw - cw) ** 2 < radius**2
         out[cyst] = T.CYST
         label |= cyst
     return _Part(box.index, out, label)
@@ -927,8 +926,8 @@ def _tumour(grid: _Grid, tumour: _Tumour) -> _Part | None:
     box = grid.box(tumour.center - reach, tumour.center + reach)
     if box is None:
         return None
-    X, Y, Z = (c - c0 for c, c0 in zip(box.mesh(), tumour.center.tolist()))
-    rho = np.sqrt(X**2 + Y**2 + Z**2) / tumour.radius
+    gx, gy, gz = (c - c0 for c, c0 in zip(box.mesh(), tumour.center.tolist()))
+    rho = np.sqrt(gx**2 + gy**2 + gz**2) / tumour.radius
     out = np.full(box.shape, NONE, np.uint8)
     out[rho + tumour.lobe * tumour.lobes(box.x, box.y, box.z) < 1.0] = T.TUMOUR
     if tumour.necrosis > 0:
@@ -1105,7 +1104,12 @@ def generate_dataset(
     folder = Path(dataset_dir)
     datalist = folder / "dataset.json"
     counts = {"training": num_training, "validation": num_validation, "test": num_test, "unlabeled": num_unlabeled}
-    generator = {"version": GENERATOR_VERSION, "seed": seed, **{f"num_{split}": n for split, n in counts.items()}, "options": options}
+    generator = {
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        **{f"num_{split}": n for split, n in counts.items()},
+        "options": options,
+    }
     if datalist.is_file() and not overwrite:
         recorded = json.loads(datalist.read_text()).get("generator")
         if recorded is not None and recorded != json.loads(json.dumps(generator)):

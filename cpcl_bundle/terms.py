@@ -53,10 +53,10 @@ __all__ = [
     "MeanTeacherTerm",
 ]
 
+#: What a term can ask of a step: the unlabeled stream, an EMA teacher network (``ema``: for passes of the
+#: term's own), the teacher's shared pass on the unlabeled images (``teacher``; ``teacher_noise``: on noisy input),
+#: the student's pass on them, and tapped features (of the layers in :attr:`Term.layers`).
 NEEDS = frozenset({"unlabeled", "ema", "teacher", "teacher_noise", "student_unlabeled", "features"})
-"""What a term can ask of a step: the unlabeled stream, an EMA teacher network (``ema``: for passes of the
-term's own), the teacher's shared pass on the unlabeled images (``teacher``; ``teacher_noise``: on noisy input),
-the student's pass on them, and tapped features (of the layers in :attr:`Term.layers`)."""
 
 
 class Step:
@@ -206,8 +206,8 @@ class Term:
         return type(self).state_dict is not Term.state_dict
 
 
+#: Every term class by name.
 TERMS: dict[str, type[Term]] = {}
-"""Every term class by name."""
 
 
 def register_term(cls: type[Term]) -> type[Term]:

@@ -48,8 +48,8 @@ __all__ = [
     "poly_lr_handler",
 ]
 
+#: Scalars every iteration puts in ``engine.state.output``; each term adds ``loss_<name>`` and its own.
 TERM_KEYS = ("loss", "loss_sup", "lambda", "lr", "skipped_nonfinite")
-"""Scalars every iteration puts in ``engine.state.output``; each term adds ``loss_<name>`` and its own."""
 
 _NOT_SCALARS = {Keys.IMAGE, Keys.LABEL, Keys.PRED}
 

@@ -37,9 +37,7 @@ class RobustSpacingd(Spacingd):
         aside = {
             k: d.pop(k)
             for k in list(d)
-            if isinstance(k, str)
-            and any(k.startswith(f"{key}_") for key in self.keys)
-            and not isinstance(d[k], dict)
+            if isinstance(k, str) and any(k.startswith(f"{key}_") for key in self.keys) and not isinstance(d[k], dict)
         }
         out = super().__call__(d, lazy=lazy)
         out.update(aside)

@@ -182,8 +182,8 @@ def _child(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+#: Every method of the paper's Table I, CPCL as the released code runs it, and CPCL with naive prototypes.
 DEFAULT_VARIANTS = "supervised,mt,uamt,entropy_min,ict,dan,dtml,cpcl,cpcl_released,cpcl_naive"
-"""Every method of the paper's Table I, CPCL as the released code runs it, and CPCL with naive prototypes."""
 
 
 def main(

@@ -58,8 +58,8 @@ from cpcl_bundle.prepare import (  # noqa: E402
 
 RELEASE_FOLDER = "MICCAI_BraTS_2019_Data_Training"
 GRADES = ("HGG", "LGG")
+#: datalist key, shipped list of configs/splits/brats2019/
 LISTS = (("training", "train.txt"), ("validation", "val.txt"), ("test", "test.txt"))
-"""datalist key, shipped list of configs/splits/brats2019/"""
 FOLDERS = {
     "training": ("imagesTr", "labelsTr"),
     "validation": ("imagesTr", "labelsTr"),

@@ -66,10 +66,10 @@ from cpcl_bundle.prepare import (  # noqa: E402
 
 IMAGE_NAME = "imaging.nii.gz"
 LABEL_NAME = "segmentation.nii.gz"
+#: case_00000 .. case_00209 have a segmentation; the challenge's test cases (from case_00210) have none.
 NUM_SEGMENTED = 210
-"""case_00000 .. case_00209 have a segmentation; the challenge's test cases (from case_00210) have none."""
+#: training, validation, test
 SPLIT = (150, 10, 50)
-"""training, validation, test"""
 LABEL_RATIOS = (0.05, 0.1)
 LABELS = {"0": "background", "1": "kidney", "2": "tumour"}
 CASE_PATTERN = re.compile(r"^case_(\d{5})$")

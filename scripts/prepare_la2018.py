@@ -54,8 +54,8 @@ from cpcl_bundle.prepare import (  # noqa: E402
 )
 
 SPACING_MM = 0.625
+#: NRRD axes (left, posterior, superior) at 0.625 mm, as a NIfTI (RAS) affine.
 AFFINE = np.diag([-SPACING_MM, -SPACING_MM, SPACING_MM, 1.0])
-"""NRRD axes (left, posterior, superior) at 0.625 mm, as a NIfTI (RAS) affine."""
 H5_NAME = "mri_norm2.h5"
 CITATION = (
     "Xiong, Z. et al. A Global Benchmark of Algorithms for Segmenting Late Gadolinium-Enhanced Cardiac "

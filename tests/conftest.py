@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from cpcl_bundle.networks import unet3d
-
 from tests.helpers import TINY_FEATURES
 
 

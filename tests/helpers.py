@@ -12,8 +12,8 @@
 
 import torch
 
+#: A BasicUNet small enough for CPU tests (same layers, fewer channels).
 TINY_FEATURES = (4, 4, 8, 8, 16, 4)
-"""A BasicUNet small enough for CPU tests (same layers, fewer channels)."""
 
 
 def blob_batch(n: int, size: int = 32, seed: int = 0, with_label: bool = True) -> list[dict]:

@@ -25,7 +25,9 @@ def _write(tmp_path, content):
 
 
 def test_load_datalist_resolves_paths_and_fills_keys(tmp_path):
-    path = _write(tmp_path, {"training": [{"image": "img/a.nii.gz", "label": "lab/a.nii.gz"}], "test": ["img/t.nii.gz"]})
+    path = _write(
+        tmp_path, {"training": [{"image": "img/a.nii.gz", "label": "lab/a.nii.gz"}], "test": ["img/t.nii.gz"]}
+    )
     dl = load_datalist(path)
     assert dl["training"][0]["image"] == str(tmp_path / "img/a.nii.gz")
     assert dl["test"] == [{"image": str(tmp_path / "img/t.nii.gz")}]
@@ -144,6 +146,9 @@ def test_too_few_unlabeled_images_fall_back_to_the_labeled_ones(tmp_path):
 
     (tmp_path / "a.nii.gz").write_bytes(b"x")
     (tmp_path / "b.nii.gz").write_bytes(b"x")
-    labeled = [{"image": str(tmp_path / "a.nii.gz"), "label": "la"}, {"image": str(tmp_path / "b.nii.gz"), "label": "lb"}]
+    labeled = [
+        {"image": str(tmp_path / "a.nii.gz"), "label": "la"},
+        {"image": str(tmp_path / "b.nii.gz"), "label": "lb"},
+    ]
     got = unlabeled_data(labeled, tmp_path / "elsewhere", min_count=2)  # every study annotated
     assert got == [{"image": str(tmp_path / "a.nii.gz")}, {"image": str(tmp_path / "b.nii.gz")}]

@@ -78,7 +78,8 @@ def test_torchscript_outputs_equal_the_state_dict_outputs(bundle, exported):
     net = network_def(bundle)
     net.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True), strict=True)
     ts = torch.jit.load(str(exported), map_location="cpu")
-    net.eval(), ts.eval()
+    net.eval()
+    ts.eval()
     x = torch.rand(1, 1, 32, 48, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected, got = net(x), ts(x)

@@ -48,9 +48,24 @@ def test_torchrun_two_ranks_keep_the_teacher_in_sync(tiny_dataset, tmp_path):
     configs = json.dumps([TRAIN, MULTI, str(override_file)])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-        "-m", "monai.bundle", "run", "training", "--config_file", configs,
-        "--meta_file", META, "--logging_file", LOGGING, "--bundle_root", str(ROOT),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        configs,
+        "--meta_file",
+        META,
+        "--logging_file",
+        LOGGING,
+        "--bundle_root",
+        str(ROOT),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -36,7 +36,9 @@ def test_checkpoint_of_tapped_network_loads_into_plain_basicunet(tiny_net):
     assert torch.equal(plain.eval()(x), tiny_net.eval()(x))
 
 
-@pytest.mark.parametrize("layer,shape", [("encoder", (2, 16, 2, 2, 2)), ("decoder_half", (2, 4, 16, 16, 16)), ("down_2", (2, 8, 8, 8, 8))])
+@pytest.mark.parametrize(
+    "layer,shape", [("encoder", (2, 16, 2, 2, 2)), ("decoder_half", (2, 4, 16, 16, 16)), ("down_2", (2, 8, 8, 8, 8))]
+)
 def test_forward_with_features_returns_the_named_layer(tiny_net, layer, shape):
     logits, feats = forward_with_features(tiny_net, torch.randn(2, 1, 32, 32, 32), layer)
     assert feats.shape == shape and logits.shape == (2, 2, 32, 32, 32)

@@ -28,8 +28,11 @@ def _png(path):
 
 
 def test_dice_boxplot_has_a_box_per_method_and_ratio(tmp_path):
-    rows = [{"method": m, "ratio": r, "dice": d} for m, r in (("supervised", 1.0), ("cpcl", 0.1), ("mt", 0.1))
-            for d in np.linspace(0.7, 0.9, 5)] + [{"method": "mt", "ratio": 0.1, "dice": float("nan")}]
+    rows = [
+        {"method": m, "ratio": r, "dice": d}
+        for m, r in (("supervised", 1.0), ("cpcl", 0.1), ("mt", 0.1))
+        for d in np.linspace(0.7, 0.9, 5)
+    ] + [{"method": "mt", "ratio": 0.1, "dice": float("nan")}]
     narrow = _png(plots.dice_boxplot(rows[:5], tmp_path / "one.png"))
     wide = _png(plots.dice_boxplot(rows, tmp_path / "three.png"))
     assert wide[0] > narrow[0]
@@ -57,8 +60,10 @@ def test_scalars_read_back_and_curves_drawn(tmp_path):
 def test_fig6_rows_are_spread_over_training(tmp_path):
     panel = np.random.default_rng(0).random((16, 12)).astype(np.float32)
     for step in (100, 200, 300, 400, 500, 600, 700):
-        np.savez(tmp_path / f"prototype_maps_{step:06d}.npz", **{k: panel for k in
-                 ("x_u", "p_u", "p_l2u", "x_l", "y_l", "p_l", "p_u2l")})
+        np.savez(
+            tmp_path / f"prototype_maps_{step:06d}.npz",
+            **{k: panel for k in ("x_u", "p_u", "p_l2u", "x_l", "y_l", "p_l", "p_u2l")},
+        )
     four = _png(plots.prototype_figure(tmp_path, tmp_path / "fig6.png", num_steps=4))
     two = _png(plots.prototype_figure(tmp_path, tmp_path / "fig6_2.png", num_steps=2))
     assert four[1] > 1.5 * two[1] and abs(four[0] - two[0]) < 0.1 * four[0]  # rows: steps; columns: panels
@@ -84,8 +89,9 @@ def test_overlays_read_test_cases_and_predictions(tmp_path):
         folder = bench / "runs" / name / "test"
         (folder / "predictions").mkdir(parents=True)
         (bench / "runs" / name / "run.json").write_text("{}")
-        (folder / "metrics.csv").write_text("case,dice,jaccard,hd95_mm,asd_mm\n" + "".join(
-            f"case_{i},{0.5 + 0.1 * i},0,0,0\n" for i in range(3)))
+        (folder / "metrics.csv").write_text(
+            "case,dice,jaccard,hd95_mm,asd_mm\n" + "".join(f"case_{i},{0.5 + 0.1 * i},0,0,0\n" for i in range(3))
+        )
         for i in range(3):
             pred = np.zeros((24, 20, 8), np.uint8)
             pred[9:15, 6:12, 2:6] = 1

@@ -37,8 +37,8 @@ TINY = {  # seconds on 2 CPU cores: 32^3 windows at 2 mm, a narrow U-Net (tests/
     "pixdim": [2.0, 2.0, 2.0],
     "network_def#features": list(TINY_FEATURES),
 }
+#: 240 x 240 x 155 at 1 mm in the release.
 SHAPE = (40, 40, 24)
-"""240 x 240 x 155 at 1 mm in the release."""
 RELEASE = "MICCAI_BraTS_2019_Data_Training"
 
 
@@ -51,8 +51,8 @@ def _load_script():
 
 prepare = _load_script()
 TRAIN_IDS, VAL_IDS, TEST_IDS = (prepare.shipped_split("brats2019", f) for f in ("train.txt", "val.txt", "test.txt"))
+#: 4 training, 1 validation, 2 test cases, with ids of the shipped lists.
 CASES = {"HGG": TRAIN_IDS[:3] + VAL_IDS[:1], "LGG": TRAIN_IDS[3:4] + TEST_IDS[:2]}
-"""4 training, 1 validation, 2 test cases, with ids of the shipped lists."""
 
 
 def brats_affine(shape=SHAPE) -> np.ndarray:

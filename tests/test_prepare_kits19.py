@@ -37,8 +37,8 @@ TINY = {  # seconds on 2 CPU cores: 32^3 windows at 4 mm, a narrow U-Net (tests/
     "pixdim": [4.0, 4.0, 4.0],
     "network_def#features": list(TINY_FEATURES),
 }
+#: (z, y, x): KiTS19 stores the slice axis first.
 SHAPE = (16, 48, 48)
-"""(z, y, x): KiTS19 stores the slice axis first."""
 PIXEL_MM = 1.2
 LABELED_IDS, UNLABELED_IDS = tuple(range(7)), (210,)
 

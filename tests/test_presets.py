@@ -26,6 +26,7 @@ PRESETS = sorted((CONFIGS / "presets").glob("*.json"))
 TRAIN, INFER, EVALUATE, MULTI = (
     str(CONFIGS / f) for f in ("train.json", "inference.json", "evaluate.json", "multi_gpu_train.json")
 )
+#: The ids a trained model depends on, which training and inference must agree on.
 MODEL_IDS = (
     "network_def",
     "in_channels",
@@ -40,7 +41,6 @@ MODEL_IDS = (
     "sw_overlap",
     "dataset_dir",
 )
-"""The ids a trained model depends on, which training and inference must agree on."""
 
 
 def _parser(files, **override):

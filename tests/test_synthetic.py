@@ -22,8 +22,15 @@ from cpcl_bundle.synthetic import Tissue, case_seed, generate_case, generate_dat
 
 SCALE = 0.4  # anatomy and field of view shrunk (spacing unchanged): ~0.3 M voxels per case
 SEEDS = range(5)
-KIDNEY_TISSUES = [Tissue.CORTEX, Tissue.MEDULLA, Tissue.SINUS, Tissue.PELVIS, Tissue.CYST, Tissue.TUMOUR,
-                  Tissue.NECROSIS]
+KIDNEY_TISSUES = [
+    Tissue.CORTEX,
+    Tissue.MEDULLA,
+    Tissue.SINUS,
+    Tissue.PELVIS,
+    Tissue.CYST,
+    Tissue.TUMOUR,
+    Tissue.NECROSIS,
+]
 
 
 @pytest.fixture(scope="module")
