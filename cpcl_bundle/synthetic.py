@@ -1,13 +1,5 @@
-# Copyright (c) MONAI Consortium
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#     http://www.apache.org/licenses/LICENSE-2.0
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-# See the License for the specific language governing permissions and
-# limitations under the License.
+# Copyright (c) 2026 The CPCL bundle authors
+# SPDX-License-Identifier: Apache-2.0
 """The embedded default data set: deterministic CT-like abdominal phantoms with the kidneys as target.
 
 Each case is a contrast-enhanced abdominal CT in Hounsfield units (int16) with anisotropic voxels (0.7-0.9 mm
