@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from cpcl_bundle.validation import InputError, MissingInputError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -47,7 +49,7 @@ def _resolve(item: Any, base_dir: Path, key: str, index: int, source: str) -> di
     if isinstance(item, str):
         item = {"image": item}
     if not isinstance(item, dict) or "image" not in item:
-        raise ValueError(f"{source}: entry {index} of '{key}' has no 'image': {item!r}")
+        raise InputError(f"{source}: entry {index} of '{key}' has no 'image': {item!r}")
     out = dict(item)
     for field in ("image", "label"):
         value = out.get(field)
@@ -56,7 +58,7 @@ def _resolve(item: Any, base_dir: Path, key: str, index: int, source: str) -> di
         elif isinstance(value, list):
             out[field] = [str(base_dir / v) if isinstance(v, str) and not os.path.isabs(v) else v for v in value]
     if key == "training" and "label" not in out:
-        raise ValueError(f"{source}: entry {index} of 'training' has no 'label' (unlabeled images go in 'unlabeled')")
+        raise InputError(f"{source}: entry {index} of 'training' has no 'label' (unlabeled images go in 'unlabeled')")
     return out
 
 
@@ -68,21 +70,21 @@ def load_datalist(path: str | os.PathLike, base_dir: str | os.PathLike | None = 
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"datalist {path} does not exist")
+        raise MissingInputError(f"datalist {path} does not exist")
     try:
         content = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"datalist {path} is not valid JSON: {e}") from e
+        raise InputError(f"datalist {path} is not valid JSON: {e}") from e
     if not isinstance(content, dict):
-        raise ValueError(f"datalist {path} must be a JSON object with the keys {list(DATALIST_KEYS)}")
+        raise InputError(f"datalist {path} must be a JSON object with the keys {list(DATALIST_KEYS)}")
     if not isinstance(content.get("training"), list):
-        raise ValueError(f"datalist {path} has no 'training' list (keys found: {sorted(content)})")
+        raise InputError(f"datalist {path} has no 'training' list (keys found: {sorted(content)})")
     base = Path(base_dir) if base_dir is not None else path.parent
     out = {}
     for key in DATALIST_KEYS:
         items = content.get(key, [])
         if not isinstance(items, list):
-            raise ValueError(f"datalist {path}: '{key}' must be a list, got {type(items).__name__}")
+            raise InputError(f"datalist {path}: '{key}' must be a list, got {type(items).__name__}")
         out[key] = [_resolve(item, base, key, i, str(path)) for i, item in enumerate(items)]
     return out
 
@@ -107,13 +109,13 @@ def ensure_dataset(dataset_dir: str | os.PathLike, generate: Any = True, **gener
     # an interrupted generation leaves only the generator's own folders (dataset.json is written last)
     leftovers = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
     if leftovers - _GENERATOR_FOLDERS:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{folder} holds files but no {DATALIST_NAME}: add a Decathlon-style datalist there "
             "(keys 'training', 'validation', 'test', optional 'unlabeled'), or point dataset_dir to an empty "
             "folder to generate the embedded phantom data set"
         )
     if not generate:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{folder}: no {DATALIST_NAME} (this preset's data is not generated: prepare it first with "
             "scripts/prepare_<data set>.py --dataset_dir, see docs/README.md 'Presets')"
         )
@@ -138,13 +140,13 @@ def inference_datalist(dataset_dir: str | os.PathLike, key: str = "test") -> lis
     if path.is_file():
         return [{"image": str(path)}]
     if not path.is_dir():
-        raise FileNotFoundError(f"dataset_dir {path} does not exist")
+        raise MissingInputError(f"dataset_dir {path} does not exist")
     if (path / DATALIST_NAME).is_file():
         items = load_datalist(path / DATALIST_NAME)[key]
         return [{"image": item["image"]} for item in items]
     files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) and no {DATALIST_NAME} in {path}")
+        raise MissingInputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) and no {DATALIST_NAME} in {path}")
     return [{"image": f} for f in files]
 
 

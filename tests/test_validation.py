@@ -2,6 +2,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """Pre-flight checks: every kind of broken input gives one line naming the case and the cause."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -122,3 +128,59 @@ def test_label_mapping_decides_which_file_values_are_accepted(good, tmp_path):
     with pytest.raises(InputError, match="maps onto classes outside 0..1"):
         preflight([kits], label_mapping={"0": 0, "1": 1, "2": 2})
     preflight([kits], label_mapping={"0": 0, "1": 1, "2": 1})  # no problem: no error
+
+
+def _bad_dataset(tmp_path, problem):
+    """A data set with one defect; returns (dataset_dir, the text the last line must hold)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    image = rng.normal(0, 50, (20, 18, 8)).astype(np.float32)
+    label = np.zeros((20, 18, 8), np.uint8)
+    label[5:10, 5:10, 2:5] = 1
+    case = {"image": _nii(folder / "img.nii.gz", image), "label": _nii(folder / "lab.nii.gz", label)}
+    bad = dict(case)
+    if problem == "malformed":
+        (folder / "dataset.json").write_text("{not json")
+        return folder, "is not valid JSON"
+    if problem == "nan":
+        image[3, 3, 3] = np.nan
+        bad["image"] = _nii(folder / "nan.nii.gz", image)
+        expected = "1 NaN/Inf voxels"
+    elif problem == "shape":
+        bad["label"] = _nii(folder / "small.nii.gz", label[:10])
+        expected = "differs from image shape"
+    elif problem == "4d":
+        bad["image"] = _nii(folder / "4d.nii.gz", np.stack([image, image], -1))
+        expected = "the model takes 1"
+    lists = {"training": [bad, bad], "validation": [case], "test": [bad]}  # the labeled case is a bad one
+    (folder / "dataset.json").write_text(json.dumps(lists))
+    return folder, expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "workflow,problem",
+    [("training", "malformed"), ("training", "shape"), ("evaluate", "nan"), ("evaluate", "4d"), ("infer", "missing")],
+)
+def test_the_cli_ends_with_the_problem_list_and_status_1(workflow, problem, tmp_path):
+    """Bad input ends the real CLI with the problem list as its last lines (no framework traceback after it)."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    if problem == "missing":
+        dataset, expected = tmp_path / "does_not_exist.nii.gz", "does not exist"
+    else:
+        dataset, expected = _bad_dataset(tmp_path, problem)
+    files = {"training": ["train.json"], "evaluate": ["train.json", "evaluate.json"], "infer": ["inference.json"]}[
+        workflow
+    ]
+    cmd = [sys.executable, "-m", "monai.bundle", "run"] + (["training"] if workflow == "training" else [])
+    cmd += ["--config_file", repr([str(configs / f) for f in files]), "--bundle_root", str(configs.parent)]
+    cmd += ["--dataset_dir", str(dataset), "--output_dir", str(tmp_path / "out"), "--ckpt_dir", str(tmp_path)]
+    cmd += ["--max_iterations", "1"]  # should the check miss the problem, the run still ends soon
+    if workflow == "evaluate":
+        torch.save(unet3d().state_dict(), tmp_path / "model.pt")
+    env = {**os.environ, "CPCL_TRACEBACK": "0"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 1, "\n".join(lines[-30:])
+    assert expected in lines[-1] and lines[-2].startswith("error: 1 input problem"), "\n".join(lines[-30:])
