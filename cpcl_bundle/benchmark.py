@@ -116,7 +116,11 @@ def plan(
 
 
 def _cli_value(value: Any) -> str:
-    """A value as the bundle CLI (python-fire) parses it back: Python literals, plain strings as they are."""
+    """A value as the bundle CLI (python-fire) parses it back: Python literals, plain strings as they are, and
+    ``None`` as the config expression ``$None``: ``monai.bundle run`` drops overrides whose value is ``None``
+    (``update_kwargs(ignore_none=True)``), which would leave a preset's value (la2018's ``num_labeled``) in force."""
+    if value is None:
+        return "$None"
     return value if isinstance(value, str) else repr(value)
 
 

@@ -250,3 +250,20 @@ def test_script_reads_command_line_values_as_a_user_types_them():
     assert (
         script._list("cpcl") == ["cpcl"] and script._list(0) == [0] and script._list(("mt", "cpcl")) == ["mt", "cpcl"]
     )
+
+
+def test_a_cleared_setting_reaches_the_bundle_over_a_presets_value():
+    """``monai.bundle run`` drops overrides whose value is None, so a full-supervision run with the la2018 preset
+    (``num_labeled`` 16) once trained on 16 cases: None travels as the expression ``$None``."""
+    from monai.bundle import ConfigParser
+    from monai.bundle.scripts import update_kwargs
+
+    cmd = bundle_command(["configs/train.json"], Run("supervised", 1.0, 0).overrides())
+    value = cmd[cmd.index("--num_labeled") + 1]
+    assert value == "$None" and update_kwargs(num_labeled=None) == {}  # the trap, and the way around it
+    root = Path(__file__).resolve().parents[1]
+    parser = ConfigParser()
+    parser.read_config([str(root / "configs" / "train.json"), str(root / "configs" / "presets" / "la2018.json")])
+    assert parser.get_parsed_content("num_labeled") == 16
+    parser.update({"num_labeled": DefaultParseValue(value), "labeled_ratio": 1.0})
+    assert parser.get_parsed_content("num_labeled") is None
