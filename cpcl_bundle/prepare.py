@@ -38,6 +38,9 @@ __all__ = [
     "num_labeled",
     "as_int16_if_exact",
     "read_image",
+    "folder_arg",
+    "read_nifti_case",
+    "write_nifti_case",
     "save_nifti",
     "case_entry",
     "write_datalist",
@@ -138,6 +141,58 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if array.ndim != 3:
         raise PrepareError(f"{path}: shape {array.shape}, expected a 3-D volume")
     return array, np.asarray(image.affine, dtype=np.float64)
+
+
+def folder_arg(value: Any, name: str) -> Path:
+    """A folder given on the command line; fire turns a bare ``--name`` into True and digits into a number."""
+    if isinstance(value, bool) or value is None or str(value) == "":
+        raise PrepareError(f"--{name}: expected a folder, got {value!r}")
+    return Path(str(value))
+
+
+def read_nifti_case(
+    image_path: str, label_path: str | None, allowed: Iterable[int], meaning: str, image_name: str = "image"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """(image, its affine, label uint8 or None, its affine) of one NIfTI case, checked: finite image, label of the
+    image's shape and affine, label values in ``allowed`` (``meaning`` says what they are); errors name the file."""
+    image, image_affine = read_image(image_path)
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        raise PrepareError(f"{image_path}: {int((~np.isfinite(image)).sum())} NaN/Inf voxels")
+    if label_path is None:
+        return image, image_affine, None, image_affine
+    label, label_affine = read_image(label_path)
+    if label.shape != image.shape:
+        raise PrepareError(
+            f"{label_path}: shape {label.shape} differs from the {image_name}'s {image.shape} ({image_path})"
+        )
+    if not np.allclose(label_affine, image_affine, atol=1e-3):
+        raise PrepareError(
+            f"{label_path}: affine {np.round(label_affine[:3], 4).tolist()} differs from the {image_name}'s "
+            f"{np.round(image_affine[:3], 4).tolist()} ({image_path})"
+        )
+    check_label_values(label, allowed, label_path, meaning)
+    return image, image_affine, label.astype(np.uint8), label_affine
+
+
+def write_nifti_case(
+    case: str,
+    image: np.ndarray,
+    image_affine: np.ndarray,
+    label: np.ndarray | None,
+    label_affine: np.ndarray,
+    images: str | os.PathLike,
+    labels: str | os.PathLike | None,
+) -> str:
+    """Write ``<images>/<case>.nii.gz`` (int16 when that is exact, else float32) and, with a label,
+    ``<labels>/<case>.nii.gz`` (uint8), each with its own affine; returns the image dtype written."""
+    exact = as_int16_if_exact(image)
+    if exact is not None:
+        save_nifti(exact, image_affine, Path(images) / f"{case}.nii.gz", np.int16)
+    else:
+        save_nifti(image, image_affine, Path(images) / f"{case}.nii.gz", np.float32)
+    if label is not None:
+        save_nifti(label, label_affine, Path(labels) / f"{case}.nii.gz", np.uint8)
+    return "int16" if exact is not None else "float32"
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, dtype: Any) -> None:

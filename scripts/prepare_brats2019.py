@@ -27,25 +27,22 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from cpcl_bundle.prepare import (  # noqa: E402
     PrepareError,
-    as_int16_if_exact,
     case_entry,
-    check_label_values,
     convert_all,
+    folder_arg,
     num_labeled,
-    read_image,
+    read_nifti_case,
     run_cli,
-    save_nifti,
     select_listed,
     shipped_split,
     write_datalist,
+    write_nifti_case,
 )
 
 RELEASE_FOLDER = "MICCAI_BraTS_2019_Data_Training"
@@ -70,13 +67,6 @@ CITATION = (
     "with expert segmentation labels and radiomic features. Scientific Data 4:170117, 2017"
 )
 SPLIT_CITATION = "Luo, X. SSL4MIS. https://github.com/HiLab-git/SSL4MIS, 2020"
-
-
-def folder_arg(value, name: str) -> Path:
-    """A folder given on the command line; fire turns a bare ``--name`` into True and digits into a number."""
-    if isinstance(value, bool) or value is None or str(value) == "":
-        raise PrepareError(f"--{name}: expected a folder, got {value!r}")
-    return Path(str(value))
 
 
 def find_source(source_dir: str | os.PathLike) -> Path:
@@ -121,34 +111,12 @@ def modality_file(folder: Path, modality: str, meaning: str) -> Path:
     raise PrepareError(f"{folder}: no {folder.name}_{modality}.nii.gz ({meaning}) in the case folder")
 
 
-def read_case(image_path: str, label_path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(FLAIR, its affine, seg uint8, its affine) of one case, checked; errors name the file."""
-    image, image_affine = read_image(image_path)
-    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
-        raise PrepareError(f"{image_path}: {int((~np.isfinite(image)).sum())} NaN/Inf voxels")
-    label, label_affine = read_image(label_path)
-    if label.shape != image.shape:
-        raise PrepareError(f"{label_path}: shape {label.shape} differs from the FLAIR's {image.shape} ({image_path})")
-    if not np.allclose(label_affine, image_affine, atol=1e-3):
-        raise PrepareError(
-            f"{label_path}: affine {np.round(label_affine[:3], 4).tolist()} differs from the FLAIR's "
-            f"{np.round(image_affine[:3], 4).tolist()} ({image_path})"
-        )
-    check_label_values(label, (0, 1, 2, 4), label_path, "0 background, 1 tumour core, 2 oedema, 4 enhancing tumour")
-    return image, image_affine, label.astype(np.uint8), label_affine
-
-
 def convert_case(job: tuple[str, str, str, str, str]) -> str:
     """Write one case's FLAIR and seg NIfTI with the files' own affines; returns the image dtype written."""
     case, image_path, label_path, images, labels = job
-    image, image_affine, label, label_affine = read_case(image_path, label_path)
-    exact = as_int16_if_exact(image)
-    if exact is not None:
-        save_nifti(exact, image_affine, Path(images) / f"{case}.nii.gz", np.int16)
-    else:
-        save_nifti(image, image_affine, Path(images) / f"{case}.nii.gz", np.float32)
-    save_nifti(label, label_affine, Path(labels) / f"{case}.nii.gz", np.uint8)
-    return "int16" if exact is not None else "float32"
+    meaning = "0 background, 1 tumour core, 2 oedema, 4 enhancing tumour"
+    case_arrays = read_nifti_case(image_path, label_path, (0, 1, 2, 4), meaning, image_name="FLAIR")
+    return write_nifti_case(case, *case_arrays, images, labels)
 
 
 def main(source_dir: str, dataset_dir: str = "data/brats2019", allow_missing: bool = False, workers: int = 2) -> None:

@@ -35,25 +35,22 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from cpcl_bundle.prepare import (  # noqa: E402
     PrepareError,
-    as_int16_if_exact,
     case_entry,
-    check_label_values,
     convert_all,
+    folder_arg,
     num_labeled,
-    read_image,
+    read_nifti_case,
     run_cli,
-    save_nifti,
     seeded_split,
     select_listed,
     write_datalist,
+    write_nifti_case,
 )
 
 IMAGE_NAME = "imaging.nii.gz"
@@ -69,13 +66,6 @@ CITATION = (
     "Heller, N. et al. The KiTS19 challenge data: 300 kidney tumor cases with clinical context, CT semantic "
     "segmentations, and surgical outcomes. arXiv:1904.00445, 2019"
 )
-
-
-def folder_arg(value, name: str) -> Path:
-    """A folder given on the command line; fire turns a bare ``--name`` into True and digits into a number."""
-    if isinstance(value, bool) or value is None or str(value) == "":
-        raise PrepareError(f"--{name}: expected a folder, got {value!r}")
-    return Path(str(value))
 
 
 def find_source(source_dir: str | os.PathLike) -> Path:
@@ -100,37 +90,11 @@ def split_sizes(num_cases: int) -> tuple[int, int, int]:
     return num_cases - validation - test, validation, test
 
 
-def read_case(image_path: str, label_path: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
-    """(image, image affine, label uint8 or None, label affine) of one case, checked; errors name the file."""
-    image, image_affine = read_image(image_path)
-    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
-        raise PrepareError(f"{image_path}: {int((~np.isfinite(image)).sum())} NaN/Inf voxels")
-    if label_path is None:
-        return image, image_affine, None, image_affine
-    label, label_affine = read_image(label_path)
-    if label.shape != image.shape:
-        raise PrepareError(f"{label_path}: shape {label.shape} differs from the image's {image.shape} ({image_path})")
-    if not np.allclose(label_affine, image_affine, atol=1e-3):
-        raise PrepareError(
-            f"{label_path}: affine {np.round(label_affine[:3], 4).tolist()} differs from the image's "
-            f"{np.round(image_affine[:3], 4).tolist()} ({image_path})"
-        )
-    check_label_values(label, (0, 1, 2), label_path, "0 background, 1 kidney, 2 tumour")
-    return image, image_affine, label.astype(np.uint8), label_affine
-
-
 def convert_case(job: tuple[str, str, str | None, str, str | None]) -> str:
     """Write one case's image (and label) NIfTI with the files' own affines; returns the image dtype written."""
     case, image_path, label_path, images, labels = job
-    image, image_affine, label, label_affine = read_case(image_path, label_path)
-    exact = as_int16_if_exact(image)
-    if exact is not None:
-        save_nifti(exact, image_affine, Path(images) / f"{case}.nii.gz", np.int16)
-    else:
-        save_nifti(image, image_affine, Path(images) / f"{case}.nii.gz", np.float32)
-    if label is not None:
-        save_nifti(label, label_affine, Path(labels) / f"{case}.nii.gz", np.uint8)
-    return "int16" if exact is not None else "float32"
+    labels_meaning = "0 background, 1 kidney, 2 tumour"
+    return write_nifti_case(case, *read_nifti_case(image_path, label_path, (0, 1, 2), labels_meaning), images, labels)
 
 
 def _skip_or_fail(cases: list[str], source: Path, name: str, allow_missing: bool, what: str) -> None:
