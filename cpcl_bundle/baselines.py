@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from cpcl_bundle.losses import gaussian_rampup
 from cpcl_bundle.networks import FEATURE_LAYERS, unwrap
-from cpcl_bundle.terms import Step, Term, register_term
+from cpcl_bundle.terms import Step, Term, add_noise, register_term
 
 __all__ = [
     "predictive_entropy",
@@ -138,10 +138,6 @@ class Discriminator3D(torch.nn.Module):
         return self.classifier(x.mean(dim=tuple(range(2, x.ndim))))
 
 
-def _noisy(x: torch.Tensor, std: float, clip: float) -> torch.Tensor:
-    return x + (torch.randn_like(x) * std).clamp(-clip, clip)
-
-
 # ---------------------------------------------------------------------------------------------- terms
 @register_term
 class UncertaintyAwareMeanTeacherTerm(Term):
@@ -183,10 +179,10 @@ class UncertaintyAwareMeanTeacherTerm(Term):
         """``(teacher softmax on noisy x_u, uncertainty [B, 1, *S])`` from ``1 + T`` stochastic teacher passes."""
         x_u, teacher = step.x_u, step.teacher_net
         with mc_dropout(teacher, self.dropout_layers, self.dropout):
-            target = torch.softmax(step.forward(teacher, _noisy(x_u, *self.noise)).float(), 1)
+            target = torch.softmax(step.forward(teacher, add_noise(x_u, *self.noise)).float(), 1)
             stacked = x_u.repeat(2, *([1] * (x_u.ndim - 1)))
             preds = [
-                torch.softmax(step.forward(teacher, _noisy(stacked, *self.noise)).float(), 1)
+                torch.softmax(step.forward(teacher, add_noise(stacked, *self.noise)).float(), 1)
                 for _ in range(self.passes // 2)
             ]
         mean = torch.cat(preds).reshape(self.passes, *target.shape).mean(0)
@@ -416,6 +412,6 @@ class ReleasedStabilityTerm(Term):
     def loss(self, step: Step) -> tuple[torch.Tensor, dict[str, float]]:
         images = torch.cat([step.x_l, step.x_u])
         with torch.no_grad():
-            teacher = step.forward(step.teacher_net, _noisy(images, *self.noise)).float()
+            teacher = step.forward(step.teacher_net, add_noise(images, *self.noise)).float()
         student = torch.cat([step.student(), step.student("unlabeled")]).float()
         return raw_mse(student, teacher), {}

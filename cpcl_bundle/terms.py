@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "NEEDS",
+    "add_noise",
     "Step",
     "Term",
     "PrototypeTerm",
@@ -57,6 +58,11 @@ __all__ = [
 #: term's own), the teacher's shared pass on the unlabeled images (``teacher``; ``teacher_noise``: on noisy input),
 #: the student's pass on them, and tapped features (of the layers in :attr:`Term.layers`).
 NEEDS = frozenset({"unlabeled", "ema", "teacher", "teacher_noise", "student_unlabeled", "features"})
+
+
+def add_noise(x: torch.Tensor, std: float, clip: float) -> torch.Tensor:
+    """The mean-teacher input perturbation: ``x + clamp(N(0, std^2), -clip, clip)``."""
+    return x + (torch.randn_like(x) * std).clamp(-clip, clip)
 
 
 class Step:
@@ -130,8 +136,7 @@ class Step:
             raise RuntimeError("this step has no unlabeled images")
         if self.noise is None or self.noise[0] <= 0:
             return self.x_u
-        std, clip = self.noise
-        return self.x_u + (torch.randn_like(self.x_u) * std).clamp(-clip, clip)
+        return add_noise(self.x_u, *self.noise)
 
     def _teacher_pass(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self._teacher is None:
