@@ -134,8 +134,11 @@ def ensure_dataset(dataset_dir: str | os.PathLike, generate: Any = True, **gener
 
 def inference_datalist(dataset_dir: str | os.PathLike, key: str = "test") -> list[dict]:
     """Images to segment: the ``key`` list of ``<dataset_dir>/dataset.json`` if there is one, else every
-    image file directly in ``dataset_dir`` (NIfTI, NRRD, MetaImage), sorted. ``dataset_dir`` may also be
-    one image file."""
+    image file directly in ``dataset_dir`` (NIfTI, NRRD, MetaImage) and every DICOM series folder in it
+    (``dataset_dir`` itself when it holds DICOM files, and any folder below it that does; see
+    :mod:`cpcl_bundle.dicom`), sorted. ``dataset_dir`` may also be one image file."""
+    from .dicom import dicom_folders, is_dicom_file
+
     path = Path(dataset_dir)
     if path.is_file():
         return [{"image": str(path)}]
@@ -144,10 +147,17 @@ def inference_datalist(dataset_dir: str | os.PathLike, key: str = "test") -> lis
     if (path / DATALIST_NAME).is_file():
         items = load_datalist(path / DATALIST_NAME)[key]
         return [{"image": item["image"]} for item in items]
-    files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
-    if not files:
-        raise MissingInputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) and no {DATALIST_NAME} in {path}")
-    return [{"image": f} for f in files]
+    files = sorted(
+        str(p)
+        for p in path.iterdir()
+        if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES) and not is_dicom_file(p)
+    )
+    series = [str(folder) for folder in dicom_folders(path)]
+    if not files and not series:
+        raise MissingInputError(
+            f"no images ({', '.join(IMAGE_SUFFIXES)}), no DICOM series and no {DATALIST_NAME} in {path}"
+        )
+    return [{"image": f} for f in files + series]
 
 
 def semi_supervised_split(

@@ -4,7 +4,8 @@
 
 Every problem found is reported as ``<case file>: <cause>``; all problems of a run are collected and raised
 together as one :class:`InputError`. Handled, documented paths (not errors): a label with no foreground (the
-prototype terms skip an undefined class for that step), volumes smaller than the crop or the window (padded).
+prototype terms leave a class without a prototype out for that step), volumes smaller than the crop or the window
+(padded).
 """
 
 from __future__ import annotations
@@ -119,9 +120,22 @@ def check_case(
     Label values must be those of :func:`label_values` (``label_mapping``'s keys when given)."""
     problems: list[str] = []
     image_path, label_path = item.get("image"), item.get("label")
+    if image_path is not None and os.path.isdir(image_path):  # a DICOM series folder (cpcl_bundle.dicom)
+        from .dicom import check_series_folder, holds_dicom
+
+        if not holds_dicom(image_path):
+            return [f"{image_path}: image folder holds no DICOM files (a folder input must be one DICOM series)"]
+        problems += check_series_folder(image_path)
+    elif image_path is not None and os.path.isfile(image_path):
+        from .dicom import is_dicom_file
+
+        if is_dicom_file(image_path):
+            return [f"{image_path}: one DICOM file is one slice; give the folder that holds its series"]
     for kind, path in (("image", image_path), ("label", label_path)):
-        if path is not None and not os.path.isfile(path):
+        if path is not None and not os.path.exists(path):
             problems.append(f"{path}: {kind} file does not exist")
+        elif path is not None and kind == "label" and not os.path.isfile(path):
+            problems.append(f"{path}: label is not a file")
     if problems:
         return problems
     try:
@@ -129,6 +143,8 @@ def check_case(
     except Exception as e:  # noqa: BLE001 - any reader failure is reported, with its type
         return [f"{image_path}: unreadable image ({type(e).__name__}: {str(e).splitlines()[0][:200]})"]
     spatial = image.shape[:3]
+    if image.ndim < 3 or min(spatial) < 2:
+        return [f"{image_path}: image of shape {image.shape} is not a 3-D volume (the model segments 3-D images)"]
     if image.ndim > 3:
         channels = int(np.prod(image.shape[3:]))
         if channels != in_channels:

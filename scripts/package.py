@@ -26,6 +26,13 @@ Checks first: ``configs/metadata.json`` ``version`` equals ``cpcl_bundle.__versi
 ``changelog``; the bundle name (``cpcl_bundle.BUNDLE_NAME``) has no ``_v`` (the zoo splits asset names on
 ``_v\\d*.``). Both are read from the bundle's own files, not from the installed package.
 
+``--large_files_url <url>`` also writes ``<bundle_root>/large_files.yml`` for the source tree that goes into the
+zoo's ``models/`` folder (without the weights): one entry for ``models/model.pt`` (and ``models/model.ts`` when
+shipped) with ``path``, the ``url`` given (``{name}``, ``{version}`` and ``{file}`` filled in), its ``hash_val`` (md5,
+computed here) and ``hash_type``, as the zoo's CI and ``python -m monai.bundle download_large_files`` read it.
+``--eval_summary <metrics_summary.json>`` records what ``configs/evaluate.json`` measured for these weights as
+``eval_metrics`` of ``configs/metadata.json`` (source tree and zip) before the zip is written.
+
 stdout: the entry, e.g. ``{"cpcl_kidney_ct_segmentation_v0.1.0": {"checksum": "<sha1 of the zip>", "source":
 "<url>"}}``; ``--source_url`` (default: the zoo's NGC monaihosting URL) may use ``{name}``, ``{version}`` and
 ``{zip_name}``. stderr: the stored files, their sizes, the zip's size, sha1, and the md5 of models/model.pt (what a
@@ -68,6 +75,13 @@ NOT_SHIPPED_CONFIGS = ("monailabel_train.json",)  # written by MONAI Label's mul
 SKIPPED_PARTS = ("__pycache__",)  # plus every name starting with "." (.git, .venv*, .ipynb_checkpoints, ...)
 ROOT_FILES = ("LICENSE", "README.md", "pyproject.toml")
 REQUIRED = ("LICENSE", "configs/metadata.json", "configs/inference.json")
+LARGE_FILES = "large_files.yml"
+EVAL_METRICS = (
+    ("dice", "mean_dice"),
+    ("jaccard", "mean_jaccard"),
+    ("hd95_mm", "mean_hd95_mm"),
+    ("asd_mm", "mean_asd_mm"),
+)
 
 
 class PackagingError(Exception):
@@ -83,6 +97,7 @@ class Release:
     source: str
     files: list[tuple[str, int]] = field(default_factory=list)  # (path inside the bundle folder, size)
     model_md5: str = ""
+    large_files: Path | None = None  # <bundle_root>/large_files.yml when --large_files_url was given
 
     @property
     def key(self) -> str:
@@ -253,6 +268,62 @@ def write_zip(zip_path: str | os.PathLike, top_folder: str, files: list[tuple[st
     return _file_digest(zip_path, "sha1")
 
 
+def write_large_files(bundle_root: str | os.PathLike, files: list[tuple[str, Path]], url: str) -> Path:
+    """Write ``<bundle_root>/large_files.yml`` listing ``files`` (``(path in the bundle, local file)``) at ``url``.
+
+    ``url`` may use ``{name}``, ``{version}`` and ``{file}`` (the file's name, e.g. ``model.pt``). The md5 of each
+    local file is the ``hash_val`` the download is checked against. The result is read back with MONAI's
+    ``ConfigParser`` (the zoo's reader) and compared with what was meant."""
+    from monai.bundle import ConfigParser
+
+    root = Path(bundle_root).resolve()
+    name, version = check_bundle(root)
+    entries = [
+        {
+            "path": rel,
+            "url": url.format(name=name, version=version, file=Path(rel).name),
+            "hash_val": _file_digest(src, "md5"),
+            "hash_type": "md5",
+        }
+        for rel, src in files
+    ]
+    lines = [f"# {name} v{version}: files downloaded into the bundle (scripts/package.py --large_files_url)"]
+    lines.append("large_files:")
+    for entry in entries:
+        items = [f"{key}: {json.dumps(value)}" for key, value in entry.items()]  # a JSON string is a YAML string
+        lines += [f"  - {items[0]}"] + [f"    {item}" for item in items[1:]]
+    path = root / LARGE_FILES
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    parser = ConfigParser()
+    parser.read_config(str(path))
+    if parser.get()["large_files"] != entries:
+        raise PackagingError(f"{path} does not read back as written: {parser.get()['large_files']}")
+    return path
+
+
+def record_eval_metrics(bundle_root: str | os.PathLike, summary_file: str | os.PathLike, model_md5: str) -> dict:
+    """Set ``eval_metrics`` of ``configs/metadata.json`` from an evaluation's ``metrics_summary.json``.
+
+    The means of Dice, Jaccard, 95HD and ASD (mm), the number of cases, the distance definition and the md5 of the
+    weights they were measured for; the file keeps its layout (4-space JSON, key order)."""
+    summary_path = Path(summary_file)
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        metrics = {key: round(float(summary[source]["mean"]), 4) for source, key in EVAL_METRICS}
+        metrics["num_cases"] = int(summary["num_cases"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise PackagingError(
+            f"{summary_path} is not an evaluation summary (configs/evaluate.json writes metrics_summary.json): {e}"
+        ) from e
+    metrics["metric_definition"] = summary.get("metric_definition", "paper")
+    metrics["model_md5"] = model_md5
+    meta_file = Path(bundle_root) / "configs" / "metadata.json"
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    meta["eval_metrics"] = metrics
+    meta_file.write_text(json.dumps(meta, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
+    return metrics
+
+
 def build(
     bundle_root: str | os.PathLike = ROOT,
     out_dir: str | os.PathLike | None = None,
@@ -260,6 +331,8 @@ def build(
     torchscript: bool | str | os.PathLike = False,
     source_url: str = DEFAULT_SOURCE_URL,
     check_weights_: bool = True,
+    large_files_url: str | None = None,
+    eval_summary: str | os.PathLike | None = None,
 ) -> Release:
     """Check the bundle, write the release zip, return what was written (see the module docstring)."""
     root = Path(bundle_root).resolve()
@@ -286,7 +359,15 @@ def build(
             verify_torchscript(ts_path)
     if not (root / "docs" / "README.md").is_file():
         print(f"warning: {root / 'docs' / 'README.md'} (the model card) is missing", file=sys.stderr)
+    model_md5 = _file_digest(model_path, "md5")
+    if eval_summary is not None:
+        record_eval_metrics(root, eval_summary, model_md5)
     files = collect_files(root, model_path, ts_path)
+    large_files = None
+    if large_files_url:
+        large_files = write_large_files(
+            root, [(rel, src) for rel, src in files if rel.startswith("models/")], large_files_url
+        )
     zip_name = f"{name}_v{version}.zip"
     out = Path(out_dir) if out_dir is not None else root / "dist"
     sha1 = write_zip(out / zip_name, name, files)
@@ -297,7 +378,8 @@ def build(
         sha1=sha1,
         source=source_url.format(name=name, version=version, zip_name=zip_name),
         files=[(rel, src.stat().st_size) for rel, src in files],
-        model_md5=_file_digest(model_path, "md5"),
+        model_md5=model_md5,
+        large_files=large_files,
     )
 
 
@@ -308,6 +390,8 @@ def package(
     torchscript: bool | str = False,
     source_url: str = DEFAULT_SOURCE_URL,
     check_weights: bool = True,
+    large_files_url: str | None = None,
+    eval_summary: str | None = None,
 ) -> None:
     """Build ``<out_dir>/<name>_v<version>.zip`` and print its model_info.json entry (stdout).
 
@@ -318,9 +402,13 @@ def package(
         torchscript: also store models/model.ts: True for <bundle_root>/models/model.ts, or its path.
         source_url: the download URL recorded in the entry; {name}, {version} and {zip_name} are filled in.
         check_weights: load the weights strictly into configs/inference.json's network_def first.
+        large_files_url: where the weights will be downloaded from: writes <bundle_root>/large_files.yml for the
+            source tree ({name}, {version} and {file} are filled in).
+        eval_summary: the metrics_summary.json of configs/evaluate.json for these weights: recorded as eval_metrics
+            of configs/metadata.json.
     """
     start = time.time()
-    release = build(bundle_root, out_dir, model, torchscript, source_url, check_weights)
+    release = build(bundle_root, out_dir, model, torchscript, source_url, check_weights, large_files_url, eval_summary)
     for rel, size in release.files:
         print(f"  {release.name}/{rel}  ({size:,} B)", file=sys.stderr)
     print(
@@ -328,6 +416,8 @@ def package(
         f" {time.time() - start:.1f} s\nsha1 {release.sha1}\nmodels/model.pt md5 {release.model_md5}",
         file=sys.stderr,
     )
+    if release.large_files is not None:
+        print(f"wrote {release.large_files} (for the source tree; the zip carries the weights)", file=sys.stderr)
     print(json.dumps(release.entry, indent=4))
 
 

@@ -19,3 +19,69 @@ def blob_batch(n: int, size: int = 32, seed: int = 0, with_label: bool = True) -
         image = 0.3 * torch.randn(1, size, size, size, generator=g) + label
         items.append({"image": image, "label": label} if with_label else {"image": image})
     return items
+
+
+def write_dicom_series(
+    volume, affine, folder, series_uid: str | None = None, shuffle_seed: int | None = 0, patient_id: str = "CPCL0001"
+) -> list:
+    """Write a CT volume as one single-frame DICOM series (CT Image Storage, int16 with a rescale to HU), one file
+    per slice, in the geometry of ``affine`` (NIfTI's RAS voxel-to-world): slice ``k`` holds ``volume[:, :, k]`` with
+    DICOM rows along the volume's second axis and columns along its first. File names and instance numbers are
+    shuffled (``shuffle_seed``), so a reader must order the slices by position, not by name. Returns the paths."""
+    from pathlib import Path
+
+    import numpy as np
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lps = np.diag([-1.0, -1.0, 1.0]) @ np.asarray(affine, dtype=np.float64)[:3]  # RAS -> LPS
+    spacing = np.linalg.norm(lps[:, :3], axis=0)
+    row_dir, col_dir = lps[:, 0] / spacing[0], lps[:, 1] / spacing[1]  # along a row = first axis; down = second
+    series_uid = series_uid or generate_uid()
+    study_uid, frame_uid = generate_uid(), generate_uid()
+    order = np.arange(volume.shape[2])
+    if shuffle_seed is not None:
+        np.random.default_rng(shuffle_seed).shuffle(order)
+    paths = []
+    for n, k in enumerate(order):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = folder / f"IM{n:04d}.dcm"
+        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.Modality, ds.PatientID, ds.PatientName = "CT", patient_id, "CPCL^Phantom"
+        ds.PatientBirthDate, ds.PatientSex, ds.StudyDate, ds.StudyTime = "19700101", "O", "20260101", "120000"
+        ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = "1", "", "1"
+        ds.SeriesNumber, ds.InstanceNumber = 1, int(n) + 1
+        ds.Manufacturer = "CPCL tests"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImagePositionPatient = [float(v) for v in lps @ np.array([0.0, 0.0, float(k), 1.0])]
+        ds.ImageOrientationPatient = [float(v) for v in np.concatenate([row_dir, col_dir])]
+        ds.PixelSpacing = [float(spacing[1]), float(spacing[0])]  # between rows, between columns
+        ds.SliceThickness = float(spacing[2])
+        ds.Rows, ds.Columns = int(volume.shape[1]), int(volume.shape[0])
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024.0, 1.0, "HU"
+        pixels = np.round(np.asarray(volume[:, :, k], dtype=np.float64).T + 1024.0)
+        ds.PixelData = np.clip(pixels, -32768, 32767).astype("<i2").tobytes()
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+class IntensityNet(torch.nn.Module):
+    """Logits that label a voxel foreground where the (windowed, 0..1) intensity exceeds 0.5: a known, non-constant
+    segmentation without training, for tests of geometry and writers. Accepts ``network_def``'s arguments."""
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 2, **_: object) -> None:
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([0.5 - x[:, :1], x[:, :1] - 0.5], dim=1) * self.gain

@@ -33,7 +33,9 @@ TINY = {  # a few seconds per run on 2 CPU cores
 
 def test_verify_metadata_offline(tmp_path):
     schema = tmp_path / "schema.json"
-    shutil.copy(ROOT / "tests" / "data" / "meta_schema_20220324.json", schema)  # present: never downloaded
+    # the newest schema the zoo uses (required_packages_version), present: never downloaded
+    shutil.copy(ROOT / "tests" / "data" / "meta_schema_20240725.json", schema)
+    assert json.loads(Path(META).read_text())["schema"].endswith("/meta_schema_20240725.json")
     verify_metadata(meta_file=META, filepath=str(schema))
 
 
@@ -47,7 +49,8 @@ def test_metadata_is_one_file_and_names_installed_versions():
     assert meta["monai_version"] == importlib.metadata.version("monai")
     assert meta["pytorch_version"] == importlib.metadata.version("torch").split("+")[0]
     assert meta["numpy_version"] == importlib.metadata.version("numpy")
-    for name, version in meta["optional_packages_version"].items():
+    assert "optional_packages_version" not in meta  # deprecated in MONAI 1.6; the 20240725 schema wants this:
+    for name, version in meta["required_packages_version"].items():
         assert importlib.metadata.version(name) == version, name
     channels = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
     assert channels == {"0": "background", "1": "kidney"}

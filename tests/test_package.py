@@ -3,6 +3,7 @@
 """scripts/package.py: the zoo release zip, reproducible, downloadable with `python -m monai.bundle download`
 from a local `python -m http.server`, and runnable from the downloaded copy."""
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -242,35 +243,36 @@ def test_release_checks(bundle, tmp_path, case, message):
     assert not (tmp_path / "dist").exists()
 
 
-def test_download_from_http_server_and_infer_from_the_downloaded_copy(release, tmp_path):
-    """The issue's path: `python -m http.server` serves the zip, `python -m monai.bundle download --url` fetches
-    and extracts it, `python -m monai.bundle run` infers from the downloaded copy, importing its cpcl_bundle."""
-    env = subprocess_env()
-    log = open(tmp_path / "http_server.log", "w")
+@contextlib.contextmanager
+def http_server(folder: Path, log_file: Path):
+    """``python -m http.server`` on 127.0.0.1 serving ``folder``; yields its base URL; stopped by its PID."""
+    log = open(log_file, "w")
     server = subprocess.Popen(  # port 0: the OS picks a free one, the server prints it
-        [
-            sys.executable,
-            "-u",
-            "-m",
-            "http.server",
-            "0",
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-            str(release.path.parent),
-        ],
+        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(folder)],
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,
-        env=env,
-        cwd=tmp_path,
+        env=subprocess_env(),
+        cwd=log_file.parent,
     )
     try:
         line = server.stdout.readline()  # "Serving HTTP on 127.0.0.1 port 41234 (http://127.0.0.1:41234/) ..."
         match = re.search(r"port (\d+)", line)
         assert match, f"http.server did not start: {line!r}"
-        url = f"http://127.0.0.1:{match.group(1)}/{release.path.name}"
-        bundles = tmp_path / "bundles"
+        yield f"http://127.0.0.1:{match.group(1)}"
+    finally:
+        server.terminate()  # by PID
+        server.wait(timeout=30)
+        server.stdout.close()
+        log.close()
+
+
+def test_download_from_http_server_and_infer_from_the_downloaded_copy(release, tmp_path):
+    """The issue's path: `python -m http.server` serves the zip, `python -m monai.bundle download --url` fetches
+    and extracts it, `python -m monai.bundle run` infers from the downloaded copy, importing its cpcl_bundle."""
+    env = subprocess_env()
+    bundles = tmp_path / "bundles"
+    with http_server(release.path.parent, tmp_path / "http_server.log") as base_url:
         cmd = [
             sys.executable,
             "-m",
@@ -279,16 +281,11 @@ def test_download_from_http_server_and_infer_from_the_downloaded_copy(release, t
             "--name",
             BUNDLE_NAME,
             "--url",
-            url,
+            f"{base_url}/{release.path.name}",
             "--bundle_dir",
             str(bundles),
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    finally:
-        server.terminate()  # by PID
-        server.wait(timeout=30)
-        server.stdout.close()
-        log.close()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f'"GET /{release.path.name} HTTP/1.1" 200' in (tmp_path / "http_server.log").read_text()
     assert sha1(bundles / f"{BUNDLE_NAME}.zip") == release.sha1
@@ -334,3 +331,72 @@ def test_download_from_http_server_and_infer_from_the_downloaded_copy(release, t
     assert pred.shape == src.shape
     assert np.allclose(pred.affine, src.affine, atol=1e-4)
     assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= {0, 1}
+
+
+def test_large_files_yml_lets_the_zoo_download_the_weights(bundle, tmp_path):
+    """--large_files_url writes large_files.yml (md5 of the weights) for the source tree, --eval_summary records the
+    evaluation as eval_metrics; `python -m monai.bundle download_large_files` (what the zoo's CI runs) then fetches
+    the weights from a 127.0.0.1 server into a tree without them, and refuses a file whose md5 differs."""
+    src = tmp_path / "src"
+    shutil.copytree(bundle, src, symlinks=True)
+    weights = src / "models" / "model.pt"
+    summary = tmp_path / "metrics_summary.json"
+    summary.write_text(
+        json.dumps(
+            {
+                "num_cases": 20,
+                "dice": {"mean": 0.72981, "std": 0.1},
+                "jaccard": {"mean": 0.58523, "std": 0.1},
+                "hd95_mm": {"mean": 60.2011, "std": 25.0},
+                "asd_mm": {"mean": 12.9744, "std": 10.0},
+                "metric_definition": "paper",
+            }
+        )
+    )
+    hosted = tmp_path / "hosted"
+    with http_server(hosted, tmp_path / "http_server.log") as base_url:
+        release = pkg.build(
+            src, out_dir=tmp_path / "dist", large_files_url=base_url + "/{name}/v{version}/{file}", eval_summary=summary
+        )
+        md5 = hashlib.md5(weights.read_bytes()).hexdigest()
+        assert release.large_files == src / "large_files.yml" and release.model_md5 == md5
+        parser = ConfigParser()
+        parser.read_config(str(release.large_files))
+        url = f"{base_url}/{BUNDLE_NAME}/v{__version__}/model.pt"
+        assert parser.get()["large_files"] == [
+            {"path": "models/model.pt", "url": url, "hash_val": md5, "hash_type": "md5"}
+        ]
+        expected_metrics = {
+            "mean_dice": 0.7298,
+            "mean_jaccard": 0.5852,
+            "mean_hd95_mm": 60.2011,
+            "mean_asd_mm": 12.9744,
+            "num_cases": 20,
+            "metric_definition": "paper",
+            "model_md5": md5,
+        }
+        meta_text = (src / "configs" / "metadata.json").read_text()
+        assert json.loads(meta_text)["eval_metrics"] == expected_metrics
+        assert meta_text.startswith('{\n    "schema"')  # still 4-space JSON in its key order
+        with zipfile.ZipFile(release.path) as zf:  # the zip carries the weights and the metrics, not the list
+            assert f"{BUNDLE_NAME}/large_files.yml" not in zf.namelist()
+            assert zf.read(f"{BUNDLE_NAME}/models/model.pt") == weights.read_bytes()
+            assert json.loads(zf.read(f"{BUNDLE_NAME}/configs/metadata.json"))["eval_metrics"] == expected_metrics
+
+        tree = tmp_path / "zoo_tree"  # the source tree as the zoo holds it: large_files.yml, no weights
+        shutil.copytree(src, tree, symlinks=True, ignore=shutil.ignore_patterns("*.pt"))
+        assert not (tree / "models" / "model.pt").exists()
+        cmd = [sys.executable, "-m", "monai.bundle", "download_large_files", "--bundle_path", str(tree)]
+        run = dict(capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=300)
+        (hosted / BUNDLE_NAME / f"v{__version__}").mkdir(parents=True)
+        served = hosted / BUNDLE_NAME / f"v{__version__}" / "model.pt"
+        served.write_bytes(weights.read_bytes()[:-1] + b"x")  # one byte off: the md5 check must refuse it
+        proc = subprocess.run(cmd, **run)
+        assert proc.returncode != 0 and "md5" in (proc.stdout + proc.stderr).lower(), proc.stderr[-2000:]
+        (tree / "models" / "model.pt").unlink(missing_ok=True)
+        shutil.copy(weights, served)
+        proc = subprocess.run(cmd, **run)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tree / "models" / "model.pt").read_bytes() == weights.read_bytes()
+    log = (tmp_path / "http_server.log").read_text()
+    assert log.count(f'"GET /{BUNDLE_NAME}/v{__version__}/model.pt HTTP/1.1" 200') == 2, log

@@ -184,3 +184,13 @@ def test_the_cli_ends_with_the_problem_list_and_status_1(workflow, problem, tmp_
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert proc.returncode == 1, "\n".join(lines[-30:])
     assert expected in lines[-1] and lines[-2].startswith("error: 1 input problem"), "\n".join(lines[-30:])
+
+
+@pytest.mark.parametrize("shape", [(16, 12), (16, 12, 1)])
+def test_a_2d_image_is_refused_in_one_line(tmp_path, shape):
+    path = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), np.eye(4)), path)
+    problems = check_case({"image": str(path)})
+    assert (
+        len(problems) == 1 and problems[0].startswith(f"{path}: image of shape") and "not a 3-D volume" in problems[0]
+    )
