@@ -2,10 +2,14 @@
 # SPDX-License-Identifier: Apache-2.0
 """Loss terms and schedules of CPCL (Eq. 1, 6, 10, 11, 12) and of the mean-teacher baseline.
 
-Every function here is pure: tensors in, tensors out. The prototype losses return ``(loss, defined)``;
-``defined`` is False when a prototype the term needs is undefined for this batch (a class absent from
-every image, cpcl-method.md "Decision"), and the loss is then a zero that keeps the graph connected, so the
-caller can skip the term for the step and count it, and never sees NaN.
+Every function here is pure: tensors in, tensors out. The prototype losses return ``(loss, classes)``:
+``classes`` (``[K]`` bool) are the classes the term covered in this batch. **Decision** (multi-class, issue
+#13): a class absent from the batch has no prototype (cpcl-method.md "Decision"); it is left out of the
+prototype prediction (the softmax runs over the classes that have one) and the voxels that belong to it (by the
+teacher's pseudo label in L_fpc, by the real label in L_bpc) are left out of the loss, so the term stays on for
+the classes present. With every class present this is exactly Eq. 6 and 10. With fewer than two classes there is
+nothing to segment: the loss is then a zero that keeps the graph connected, so the caller skips the term for the
+step and counts it, and never sees NaN.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ __all__ = [
     "PAPER_W_MAX",
     "PAPER_PROTOTYPE_SCALE",
     "supervised_loss",
+    "covers",
     "forward_prototype_loss",
     "backward_prototype_loss",
     "softmax_mse_consistency",
@@ -59,6 +64,18 @@ def supervised_loss(**kwargs) -> DiceCELoss:
 def _zero(ref: torch.Tensor) -> torch.Tensor:
     """A zero loss attached to ``ref``'s graph (gradient 0), so DDP and autograd see every parameter used."""
     return ref.sum() * 0.0
+
+
+def covers(classes: torch.Tensor) -> bool:
+    """A prototype term with these classes (``[K]`` bool) computed a loss: at least two classes to tell apart."""
+    return int(classes.sum()) >= 2
+
+
+def _masked_mse(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean of ``(pred - target)^2`` over the channels and the voxels where ``keep`` (``[B, *S]``) holds; equal
+    to :func:`torch.nn.functional.mse_loss` when ``keep`` is everywhere true."""
+    weights = keep.unsqueeze(1).to(pred.dtype)
+    return ((pred - target) ** 2 * weights).sum() / (weights.sum() * pred.shape[1]).clamp_min(1.0)
 
 
 def _pair_per_image(present_l: torch.Tensor, batch_u: int) -> torch.Tensor:
@@ -93,22 +110,31 @@ def forward_prototype_loss(
         per_image: pair labeled image b with unlabeled image b instead of batch prototypes (released code).
 
     Returns:
-        ``(loss, defined)``; ``defined`` is False when a class has no labeled prototype.
+        ``(loss, classes)``: ``classes`` ``[K]`` bool, the classes with a labeled prototype. A class without one
+        is left out of ``P_l2u``'s softmax, of the compared channels, and the voxels the teacher assigns to it
+        are left out of the mean; with fewer than two classes the loss is a connected zero (see
+        :func:`covers`). Per-image pairing (released code) keeps only pairs whose labeled image has every class.
     """
     num_classes = probs_u.shape[1]
     size = probs_u.shape[2:]
     if per_image:
         protos, present = masked_average_prototypes_per_image(features_l, labels_l, num_classes, weights_l)
         valid = _pair_per_image(present, features_u.shape[0])
+        classes = valid.any().expand(num_classes)
         if not bool(valid.any()):
-            return _zero(features_l), False
+            return _zero(features_l), classes
         logits = prototype_logits(features_u[valid], protos[valid], size, scale)
-        return F.mse_loss(torch.softmax(logits, 1), probs_u[valid].to(logits.dtype)), True
+        return F.mse_loss(torch.softmax(logits, 1), probs_u[valid].to(logits.dtype)), classes
     protos, present = masked_average_prototypes(features_l, labels_l, num_classes, weights_l)
-    if not bool(present.all()):
-        return _zero(features_l), False
-    p_l2u = torch.softmax(prototype_logits(features_u, protos, size, scale), 1)
-    return F.mse_loss(p_l2u, probs_u.to(p_l2u.dtype)), True
+    if not covers(present):
+        return _zero(features_l), present
+    if bool(present.all()):
+        p_l2u = torch.softmax(prototype_logits(features_u, protos, size, scale), 1)
+        return F.mse_loss(p_l2u, probs_u.to(p_l2u.dtype)), present
+    index = present.nonzero()[:, 0]
+    p_l2u = torch.softmax(prototype_logits(features_u, protos[index], size, scale), 1)
+    keep = present.to(probs_u.device)[probs_u.argmax(1)]  # voxels the teacher gives to a class with a prototype
+    return _masked_mse(p_l2u, probs_u[:, index].to(p_l2u.dtype), keep), present
 
 
 def backward_prototype_loss(
@@ -137,7 +163,10 @@ def backward_prototype_loss(
         per_image: pair unlabeled image b with labeled image b (released code).
 
     Returns:
-        ``(loss, defined)``; ``defined`` is False when the teacher predicts a class nowhere in the batch.
+        ``(loss, classes)``: ``classes`` ``[K]`` bool, the classes the teacher predicts somewhere in the batch
+        (those with an unlabeled prototype). A class without one is left out of ``P_u2l``'s softmax and the
+        voxels whose real label is that class are left out of the cross entropy; with fewer than two classes the
+        loss is a connected zero (see :func:`covers`).
     """
     num_classes = probs_u.shape[1]
     size = labels_l.shape[2:]
@@ -146,14 +175,24 @@ def backward_prototype_loss(
     if per_image:
         protos, present = masked_average_prototypes_per_image(features_u, pseudo, num_classes, weights_u)
         valid = _pair_per_image(present, features_l.shape[0])
+        classes = valid.any().expand(num_classes)
         if not bool(valid.any()):
-            return _zero(features_l), False
+            return _zero(features_l), classes
         logits = prototype_logits(features_l[valid], protos[valid], size, scale)
-        return F.cross_entropy(logits, target[valid]), True
+        return F.cross_entropy(logits, target[valid]), classes
     protos, present = masked_average_prototypes(features_u, pseudo, num_classes, weights_u)
-    if not bool(present.all()):
-        return _zero(features_l), False
-    return F.cross_entropy(prototype_logits(features_l, protos, size, scale), target), True
+    if not covers(present):
+        return _zero(features_l), present
+    if bool(present.all()):
+        return F.cross_entropy(prototype_logits(features_l, protos, size, scale), target), present
+    index = present.nonzero()[:, 0]
+    # real labels as positions among the covered classes; a class without a prototype is ignored (-100)
+    position = torch.full((num_classes,), -100, dtype=torch.long, device=target.device)
+    position[index.to(target.device)] = torch.arange(index.numel(), device=target.device)
+    remapped = position[target]
+    if not bool((remapped >= 0).any()):
+        return _zero(features_l), present
+    return F.cross_entropy(prototype_logits(features_l, protos[index], size, scale), remapped), present
 
 
 def prototype_predictions(

@@ -32,6 +32,7 @@ from cpcl_bundle.losses import (
     PAPER_BETA,
     PAPER_PROTOTYPE_SCALE,
     backward_prototype_loss,
+    covers,
     forward_prototype_loss,
     softmax_mse_consistency,
 )
@@ -269,6 +270,7 @@ class PrototypeTerm(Term):
         self.confidence_weighting, self.per_image = bool(confidence_weighting), bool(per_image_prototypes)
         self.layers = (feature_layer,)
         self.skipped = 0
+        self.skipped_classes: torch.Tensor | None = None  # [K] steps without a prototype, per class
 
     def _inputs(self, step: Step) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         feats_l = step.student_features(self.layers[0]).float()
@@ -278,14 +280,28 @@ class PrototypeTerm(Term):
             step.teacher_probs(),
         )
 
-    def _result(self, loss: torch.Tensor, defined: bool) -> tuple[torch.Tensor, dict[str, float]]:
-        if not defined:
+    def _result(self, loss: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Count, per class, the steps it had no prototype (``skipped_<term>_class<k>``), and the steps the whole
+        term was off for want of two classes (``skipped_<term>``)."""
+        absent = (~classes).long().cpu()
+        if self.skipped_classes is None:
+            self.skipped_classes = torch.zeros_like(absent)
+        self.skipped_classes += absent
+        if not covers(classes):
             self.skipped += 1
             if self.skipped == 1:
                 logger.warning(
-                    f"L_{self.name} skipped: a class has no prototype in this batch (counted in 'skipped_{self.name}')"
+                    f"L_{self.name} skipped: fewer than two classes have a prototype in this batch (counted in"
+                    f" 'skipped_{self.name}')"
                 )
-        return loss, {f"skipped_{self.name}": self.skipped}
+        elif bool(absent.any()) and int(self.skipped_classes.sum()) == int(absent.sum()):
+            logger.info(
+                f"L_{self.name}: classes {absent.nonzero()[:, 0].tolist()} have no prototype in this batch; the term"
+                f" covers the others (counted per class in 'skipped_{self.name}_class<k>')"
+            )
+        logged = {f"skipped_{self.name}": self.skipped}
+        logged.update({f"skipped_{self.name}_class{k}": int(n) for k, n in enumerate(self.skipped_classes.tolist())})
+        return loss, logged
 
 
 @register_term

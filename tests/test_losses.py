@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from cpcl_bundle.losses import (
     backward_prototype_loss,
     consistency_weight,
+    covers,
     forward_prototype_loss,
     gaussian_rampup,
     sigmoid_rampup,
@@ -19,6 +20,7 @@ from cpcl_bundle.losses import (
     supervised_loss,
 )
 from cpcl_bundle.networks import forward_with_features
+from cpcl_bundle.prototypes import prototype_probabilities
 from tests.test_prototypes import brute_probabilities, brute_prototypes
 
 
@@ -60,40 +62,81 @@ def _inputs(k=2, b=2):
 
 def test_forward_loss_is_mse_of_l2u_against_teacher():
     f_l, y_l, f_u, p_u = _inputs()
-    loss, ok = forward_prototype_loss(f_l, y_l, f_u, p_u)
+    loss, classes = forward_prototype_loss(f_l, y_l, f_u, p_u)
     protos, _ = brute_prototypes(f_l, y_l, 2)
     ref = F.mse_loss(brute_probabilities(f_u, protos, (12, 12, 12)), p_u)
-    assert ok and loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert classes.all() and loss.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
 def test_backward_loss_is_ce_of_u2l_against_real_labels():
     f_l, y_l, f_u, p_u = _inputs(k=3)
-    loss, ok = backward_prototype_loss(f_l, y_l, f_u, p_u)
+    loss, classes = backward_prototype_loss(f_l, y_l, f_u, p_u)
     protos, _ = brute_prototypes(f_u, p_u.argmax(1, keepdim=True), 3)
     ref = F.nll_loss(torch.log(brute_probabilities(f_l, protos, (12, 12, 12))), y_l[:, 0])
-    assert ok and loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert classes.all() and loss.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
 def test_undefined_prototypes_skip_the_term_without_nan():
     f_l, y_l, f_u, p_u = _inputs()
     f_l.requires_grad_(True)
     no_fg = torch.zeros_like(y_l)
-    loss, ok = forward_prototype_loss(f_l, no_fg, f_u, p_u)
-    assert not ok and loss.item() == 0.0
+    loss, classes = forward_prototype_loss(f_l, no_fg, f_u, p_u)
+    assert classes.tolist() == [True, False] and not covers(classes) and loss.item() == 0.0
     all_bg = torch.stack([torch.ones_like(p_u[:, 0]), torch.zeros_like(p_u[:, 1])], 1)  # teacher: no foreground
-    loss_b, ok_b = backward_prototype_loss(f_l, y_l, f_u, all_bg)
-    assert not ok_b and loss_b.item() == 0.0
+    loss_b, classes_b = backward_prototype_loss(f_l, y_l, f_u, all_bg)
+    assert classes_b.tolist() == [True, False] and loss_b.item() == 0.0
     (loss + loss_b).backward()
     assert torch.equal(f_l.grad, torch.zeros_like(f_l))
+
+
+def test_an_absent_class_is_masked_out_of_l_fpc_not_the_whole_term():
+    """K = 3, class 2 in no labeled image: L2U runs over classes 0 and 1 (softmax over their two prototypes),
+    compared on those channels at the voxels the teacher gives to them; literal computation."""
+    torch.manual_seed(0)
+    f_l, y_l, f_u, p_u = _inputs(k=3)
+    y_l = y_l % 2  # classes 0 and 1 only
+    f_l.requires_grad_(True)
+    loss, classes = forward_prototype_loss(f_l, y_l, f_u, p_u)
+    assert classes.tolist() == [True, True, False] and covers(classes)
+    protos, _ = brute_prototypes(f_l.detach(), y_l, 3)
+    p_l2u = brute_probabilities(f_u, protos[:2], (12, 12, 12))  # no zero prototype for class 2 in the softmax
+    keep = p_u.argmax(1) != 2  # [B, *S]
+    assert 0 < keep.float().mean() < 1
+    ref = sum(((p_l2u[:, c] - p_u[:, c]) ** 2)[keep].sum() for c in range(2)) / (2 * keep.sum())
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    leaked = F.mse_loss(prototype_probabilities(f_u, protos, (12, 12, 12)), p_u)  # a zero class-2 prototype in it
+    assert abs(loss.item() - leaked.item()) > 1e-3
+    loss.backward()
+    assert f_l.grad.abs().sum() > 0  # the term stays on: it trains the labeled features
+
+
+def test_an_absent_class_is_masked_out_of_l_bpc_not_the_whole_term():
+    """K = 3, the teacher predicts class 1 nowhere: U2L runs over the prototypes of classes 0 and 2, and the
+    cross entropy over the labeled voxels whose real label is 0 or 2 (as positions 0 and 1); literal computation."""
+    torch.manual_seed(1)
+    f_l, y_l, f_u, _ = _inputs(k=3)
+    logits_u = torch.randn(2, 3, 12, 12, 12)
+    logits_u[:, 1] = -10.0  # class 1: never the teacher's argmax
+    p_u = torch.softmax(logits_u, 1)
+    loss, classes = backward_prototype_loss(f_l, y_l, f_u, p_u)
+    assert classes.tolist() == [True, False, True]
+    protos, _ = brute_prototypes(f_u, p_u.argmax(1, keepdim=True), 3)
+    p_u2l = brute_probabilities(f_l, protos[[0, 2]], (12, 12, 12))  # [B, 2, *S]
+    target = y_l[:, 0]
+    keep = target != 1
+    picked = torch.where(target == 0, p_u2l[:, 0], p_u2l[:, 1])
+    ref = -torch.log(picked[keep]).mean()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert loss.item() > 0
 
 
 def test_per_image_pairing_skips_only_images_without_a_class():
     f_l, y_l, f_u, p_u = _inputs()
     y_l[1] = 0  # image 1 has no foreground: its pair is dropped, image 0's pair stays
-    loss, ok = forward_prototype_loss(f_l, y_l, f_u, p_u, per_image=True)
+    loss, classes = forward_prototype_loss(f_l, y_l, f_u, p_u, per_image=True)
     protos, _ = brute_prototypes(f_l[:1], y_l[:1], 2)
     ref = F.mse_loss(brute_probabilities(f_u[:1], protos, (12, 12, 12)), p_u[:1])
-    assert ok and loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert covers(classes) and loss.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
 def test_softmax_mse_consistency():
@@ -118,8 +161,8 @@ def test_gradient_flow(tiny_net, term, prototype_grad):
     if not prototype_grad:
         f_l = f_l.detach()
     fn = forward_prototype_loss if term == "fpc" else backward_prototype_loss
-    loss, ok = fn(f_l, y_l, f_u, p_u)
-    assert ok
+    loss, classes = fn(f_l, y_l, f_u, p_u)
+    assert classes.all()
     if prototype_grad:
         loss.backward()
         encoder_grad = sum(p.grad.abs().sum() for n, p in student.named_parameters() if n.startswith("down_"))

@@ -49,9 +49,9 @@ def test_training_decreases_the_loss_without_nan(tiny_net, method):
     assert all(math.isfinite(v) for h in history for v in h.values())
     assert history[-1]["loss"] < history[0]["loss"]
     assert history[-1]["loss_sup"] < history[0]["loss_sup"]
-    terms = {f"loss_{t}" for t in trainer.method.terms} | {
-        f"skipped_{t}" for t in trainer.method.terms & {"fpc", "bpc"}
-    }
+    prototype_terms = trainer.method.terms & {"fpc", "bpc"}
+    terms = {f"loss_{t}" for t in trainer.method.terms} | {f"skipped_{t}" for t in prototype_terms}
+    terms |= {f"skipped_{t}_class{k}" for t in prototype_terms for k in range(2)}  # per class, K = 2
     assert set(TERM_KEYS) | terms == set(history[-1])  # logged keys derive from the method's terms
     if method in ("cpcl", "mt_cpcl"):
         assert any(h["loss_bpc"] > 0 for h in history) and any(h["loss_fpc"] > 0 for h in history)
