@@ -65,6 +65,9 @@ NONE = 255
 
 #: Data-set splits, in the order that enters each case's seed (:func:`case_seed`).
 SPLITS = ("training", "validation", "test", "unlabeled")
+#: ``dataset.json`` labels: the default kidney label, and with ``tumour_label`` the tumour as a class of its own.
+LABELS = {"0": "background", "1": "kidney"}
+LABELS_WITH_TUMOUR = {"0": "background", "1": "kidney", "2": "tumour"}
 
 _FOLDERS: dict[str, tuple[str, str | None]] = {
     "training": ("imagesTr", "labelsTr"),
@@ -949,8 +952,9 @@ def _renal_vessels(grid: _Grid, k: _Kidney, anatomy: _Anatomy) -> list[_Part | N
 # rendering
 
 
-def _render_tissue(grid: _Grid, anatomy: _Anatomy) -> tuple[np.ndarray, np.ndarray]:
-    """Tissue index and kidney mask on the sub-slice grid, structures painted in anatomical order."""
+def _render_tissue(grid: _Grid, anatomy: _Anatomy) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tissue index, kidney mask (tumour included) and tumour mask on the sub-slice grid, structures painted in
+    anatomical order."""
     section = _body_section(grid.x, grid.y, anatomy.body)
     back = _Part((slice(None), slice(None)), _back_muscles(grid.x, grid.y, anatomy.spine))
     _paint(section, back, _onto(T.MUSCLE, T.VISCERAL_FAT))
@@ -966,6 +970,7 @@ def _render_tissue(grid: _Grid, anatomy: _Anatomy) -> tuple[np.ndarray, np.ndarr
     _paint(tissue, _vertical_vessel(grid, *anatomy.aorta, T.AORTA), _ANYWHERE)
     _paint(tissue, _vertical_vessel(grid, *anatomy.ivc, T.IVC), _ANYWHERE)
     kidney = np.zeros(tissue.shape, bool)
+    tumour = np.zeros(tissue.shape, bool)
     for k in anatomy.present_kidneys():
         part = _kidney(grid, k)
         written = _paint(tissue, part, _RETROPERITONEUM)
@@ -976,10 +981,11 @@ def _render_tissue(grid: _Grid, anatomy: _Anatomy) -> tuple[np.ndarray, np.ndarr
         written = _paint(tissue, part, _RETROPERITONEUM)
         if part is not None and written is not None:
             kidney[part.index] |= written
+            tumour[part.index] |= written
     for k in anatomy.present_kidneys():
         for vessel in _renal_vessels(grid, k, anatomy):
             _paint(tissue, vessel, _RETROPERITONEUM & _onto(T.CORTEX, T.MEDULLA, T.CYST, invert=True))
-    return tissue, kidney
+    return tissue, kidney, tumour
 
 
 def _gaussian_noise_gain(sigma: float, truncate: float) -> float:
@@ -1008,25 +1014,32 @@ def _render_image(tissue: np.ndarray, scan: _Scan, grid: _Grid, rng: np.random.G
     return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
 
 
-def render_phantom(seed: int, *, scale: float = 1.0) -> Phantom:
+def render_phantom(seed: int, *, scale: float = 1.0, tumour_label: bool = False) -> Phantom:
     """Render the phantom of ``seed`` (deterministic). ``scale`` < 1 shrinks the anatomy and the field of view
-    (not the voxel spacing): small cases for tests."""
+    (not the voxel spacing): small cases for tests. ``tumour_label``: the renal tumour (necrotic core included) is
+    label 2 and the rest of the kidney stays 1 (three classes, as KiTS19's kidney and tumour); the image and the
+    union of the labels are the same as without it."""
     if not 0.1 <= scale <= 2.0:
         raise ValueError(f"scale must be in [0.1, 2], got {scale}")
     rng = np.random.default_rng(seed)
     anatomy = _sample_anatomy(rng, scale)
     scan = _sample_scan(rng, scale, anatomy)
     grid = scan.grid()
-    tissue, kidney = _render_tissue(grid, anatomy)
+    tissue, kidney, tumour = _render_tissue(grid, anatomy)
     image = _render_image(tissue, scan, grid, rng)
     centre = slice(SUB // 2, None, SUB)
     label = kidney[:, :, centre].astype(np.uint8)
+    if tumour_label:
+        label[tumour[:, :, centre]] = 2
     return Phantom(image, label, scan.affine(), tissue[:, :, centre].copy(), scan.phase)
 
 
-def generate_case(seed: int, *, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One phantom case: ``(image HU int16 [X, Y, Z], label uint8 {0, 1} [X, Y, Z], affine 4x4 float64)``."""
-    phantom = render_phantom(seed, scale=scale)
+def generate_case(
+    seed: int, *, scale: float = 1.0, tumour_label: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One phantom case: ``(image HU int16 [X, Y, Z], label uint8 [X, Y, Z], affine 4x4 float64)``; the label is
+    {0 background, 1 kidney} or, with ``tumour_label``, {0, 1 kidney, 2 tumour} (:func:`render_phantom`)."""
+    phantom = render_phantom(seed, scale=scale, tumour_label=tumour_label)
     return phantom.image, phantom.label, phantom.affine
 
 
@@ -1067,7 +1080,12 @@ def _write_case(job: _Job) -> dict[str, Any]:
     _write_atomic(job.image, _nifti_gz(image, affine))
     if job.label is not None:
         _write_atomic(job.label, _nifti_gz(label, affine))
-    return {"image": job.image.name, "shape": image.shape, "kidney_fraction": float(label.mean())}
+    return {
+        "image": job.image.name,
+        "shape": image.shape,
+        "kidney_fraction": float((label > 0).mean()),
+        "tumour_fraction": float((label == 2).mean()),
+    }
 
 
 def generate_dataset(
@@ -1152,7 +1170,7 @@ def generate_dataset(
         "licence": "Apache-2.0",
         "tensorImageSize": "3D",
         "modality": {"0": "CT"},
-        "labels": {"0": "background", "1": "kidney"},
+        "labels": LABELS_WITH_TUMOUR if options.get("tumour_label") else LABELS,
         "numTraining": num_training,
         "numValidation": num_validation,
         "numTest": num_test,

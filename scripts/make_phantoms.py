@@ -4,6 +4,7 @@
 
     python scripts/make_phantoms.py --dataset_dir data/phantoms
     python scripts/make_phantoms.py --dataset_dir /tmp/ph --num_training 8 --num_test 2 --seed 1 --overwrite
+    python scripts/make_phantoms.py --dataset_dir data/phantoms3 --tumour_label true   # kidney 1, tumour 2
 
 Same arguments, same bytes (cpcl_bundle.synthetic). Prints one line per case, then the time taken, the size on
 disk, the mean voxel count per case and the mean kidney fraction.
@@ -24,6 +25,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from cpcl_bundle.synthetic import generate_dataset  # noqa: E402
+from cpcl_bundle.validation import as_bool  # noqa: E402
 
 
 def main(
@@ -36,15 +38,22 @@ def main(
     workers: int = 2,
     overwrite: bool = False,
     scale: float = 1.0,
+    tumour_label: bool = False,
 ) -> None:
     """Generate the phantom data set in ``dataset_dir`` (kept as is when its dataset.json exists, unless
-    ``--overwrite``)."""
+    ``--overwrite``). ``--tumour_label true``: the renal tumour is label 2, the kidney stays 1 (three classes;
+    train with ``--classes "['background','kidney','tumour']"``)."""
+    tumour_label = as_bool(tumour_label, "tumour_label")  # "--tumour_label false" is a string to fire
     cases: list[dict[str, Any]] = []
 
     def progress(done: int, total: int, info: dict[str, Any]) -> None:
         cases.append(info)
         shape = "x".join(map(str, info["shape"]))
-        print(f"[{done:3d}/{total}] {info['image']}  {shape}  kidney {100 * info['kidney_fraction']:.2f}%", flush=True)
+        tumour = f"  tumour {100 * info['tumour_fraction']:.2f}%" if tumour_label else ""
+        print(
+            f"[{done:3d}/{total}] {info['image']}  {shape}  kidney {100 * info['kidney_fraction']:.2f}%{tumour}",
+            flush=True,
+        )
 
     start = time.perf_counter()
     datalist = generate_dataset(
@@ -58,6 +67,7 @@ def main(
         overwrite=overwrite,
         progress=progress,
         **({} if scale == 1.0 else {"scale": scale}),
+        **({"tumour_label": True} if tumour_label else {}),
     )
     seconds = time.perf_counter() - start
     if not cases:

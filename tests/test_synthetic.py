@@ -235,3 +235,25 @@ def test_existing_dataset_is_kept_and_interrupted_run_leaves_no_datalist(tmp_pat
     with pytest.raises(RuntimeError, match="generator called"):
         _small_dataset(tmp_path, overwrite=True)
     assert not path.exists()  # removed before regenerating, written only at the end
+
+
+def test_tumour_label_makes_the_tumour_a_class_of_its_own(tmp_path):
+    """--tumour_label: the same image, the same union of labels, the tumour (necrotic core included) as 2."""
+    with_tumour = 0
+    for seed in range(8):
+        binary, three = render_phantom(seed, scale=SCALE), render_phantom(seed, scale=SCALE, tumour_label=True)
+        assert np.array_equal(three.image, binary.image) and np.array_equal(three.affine, binary.affine)
+        assert np.array_equal(three.label > 0, binary.label.astype(bool))
+        tumour_tissue = np.isin(three.tissue, [Tissue.TUMOUR, Tissue.NECROSIS])
+        if tumour_tissue.any():
+            with_tumour += 1
+            assert set(np.unique(three.label).tolist()) == {0, 1, 2}
+            assert (three.label[tumour_tissue] == 2).all()  # every tumour voxel is class 2 ...
+            assert np.isin(three.tissue[three.label == 2], [Tissue.TUMOUR, Tissue.NECROSIS]).mean() > 0.97  # ... only
+        else:
+            assert set(np.unique(three.label).tolist()) == {0, 1}
+    assert with_tumour >= 2
+    datalist = json.loads(_small_dataset(tmp_path / "three", tumour_label=True).read_text())
+    assert datalist["labels"] == {"0": "background", "1": "kidney", "2": "tumour"}
+    assert datalist["generator"]["options"]["tumour_label"] is True
+    assert json.loads(_small_dataset(tmp_path / "two").read_text())["labels"] == {"0": "background", "1": "kidney"}
