@@ -38,6 +38,8 @@ from scipy import ndimage
 __all__ = [
     "map_labels",
     "METRICS",
+    "metric_columns",
+    "multiclass_case_metrics",
     "DEFINITIONS",
     "case_metrics",
     "surface_distances",
@@ -214,6 +216,32 @@ def case_metrics(
     return out
 
 
+def multiclass_case_metrics(
+    pred: torch.Tensor, label: torch.Tensor, spacing: Sequence[float], classes: Sequence[str], definition: str = "paper"
+) -> dict:
+    """:func:`case_metrics` of every foreground class ``k = 1 .. K-1`` as ``<metric>_<classes[k]>``, and as
+    ``<metric>`` their mean over the classes where it is defined (NaN only where no class defines it). With
+    one foreground class, ``<metric>`` is that class's value and no per-class columns are added."""
+    if len(classes) <= 2:
+        return case_metrics(pred, label, spacing, 1, definition)
+    per_class = {name: case_metrics(pred, label, spacing, k, definition) for k, name in enumerate(classes) if k}
+    out: dict[str, float] = {}
+    for metric in METRICS:
+        values = np.array([per_class[name][metric] for name in per_class], dtype=np.float64)
+        out[metric] = float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else math.nan
+    for name, row in per_class.items():
+        out.update({f"{metric}_{name}": row[metric] for metric in METRICS})
+    return out
+
+
+def metric_columns(classes: Sequence[str] | None) -> list[str]:
+    """The metric columns of :func:`multiclass_case_metrics` for ``classes``, mean columns first."""
+    columns = list(METRICS)
+    if classes is not None and len(classes) > 2:
+        columns += [f"{metric}_{name}" for name in list(classes)[1:] for metric in METRICS]
+    return columns
+
+
 def map_labels(label: torch.Tensor, mapping: dict[int, int]) -> torch.Tensor:
     """``label`` with each file value ``k`` replaced by ``mapping[k]`` (values not in it unchanged), same type
     and meta data (a MetaTensor keeps its affine)."""
@@ -257,7 +285,9 @@ class SegmentationMetricsWriter:
     (mean, std per metric, and ``"metric_definition"``: which definition of the distances was used). With
     ``save_dir``, each prediction is also written there as ``<case>_seg.nii.gz`` (uint8, the reference label's
     grid and affine). ``label_mapping`` (a preset's ``{"file value": class}``, e.g. KiTS19's kidney = 1 and 2)
-    maps the reference file's values to the classes the network predicts before scoring.
+    maps the reference file's values to the classes the network predicts before scoring. ``classes`` (names,
+    background first; ``classes`` of the configs) with more than one foreground class: every metric per class
+    (``dice_<name>`` ...) and their mean (``dice`` ...), see :func:`multiclass_case_metrics`.
     """
 
     def __init__(
@@ -271,8 +301,12 @@ class SegmentationMetricsWriter:
         save_dir: str | os.PathLike | None = None,
         definition: str = "paper",
         label_mapping: dict | None = None,
+        classes: Sequence[str] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.classes = None if classes is None else [str(c) for c in classes]
+        if self.classes is not None and len(self.classes) > 2 and foreground != 1:
+            raise ValueError("foreground selects the one class of a binary task; with several classes all are scored")
         self.label_mapping = None if label_mapping is None else {int(k): int(v) for k, v in label_mapping.items()}
         self.save_dir = None if save_dir is None else Path(save_dir)
         self.pred_key, self.label_key = pred_key, label_key
@@ -307,7 +341,11 @@ class SegmentationMetricsWriter:
                 reference = map_labels(reference, self.label_mapping)
             pred = item[self.pred_key]
             try:
-                row = case_metrics(pred, reference, spacing_of(reference.affine), self.foreground, self.definition)
+                spacing = spacing_of(reference.affine)
+                if self.classes is not None and len(self.classes) > 2:
+                    row = multiclass_case_metrics(pred, reference, spacing, self.classes, self.definition)
+                else:
+                    row = case_metrics(pred, reference, spacing, self.foreground, self.definition)
             except ValueError as e:
                 raise ValueError(f"{path}: {e}") from e
             image_meta = getattr(item.get("image"), "meta", None) or {}
@@ -327,12 +365,15 @@ class SegmentationMetricsWriter:
     def _write(self, engine: Engine) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output_dir / self.csv_name, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["case", *METRICS])
+            columns = metric_columns(self.classes)
+            writer = csv.DictWriter(f, fieldnames=["case", *columns])
             writer.writeheader()
             writer.writerows(self.rows)
-        summary = {**summarise(self.rows), "metric_definition": self.definition}
+        summary = {**summarise(self.rows, columns), "metric_definition": self.definition}
+        if self.classes is not None and len(self.classes) > 2:
+            summary["classes"] = self.classes
         (self.output_dir / self.summary_name).write_text(json.dumps(summary, indent=2))
         engine.logger.info(
             f"test metrics ({self.definition} definition of 95HD/ASD): "
-            + ", ".join(f"{m} {summary[m]['mean']:.4f} ({summary[m]['std']:.4f})" for m in METRICS)
+            + ", ".join(f"{m} {summary[m]['mean']:.4f} ({summary[m]['std']:.4f})" for m in columns)
         )

@@ -243,3 +243,47 @@ def test_reference_values_are_mapped_before_scoring():
     assert torch.equal(mapped, prediction) and torch.equal(reference.unique(), torch.tensor([0.0, 1.0, 2.0]))
     assert case_metrics(prediction, mapped, (1.0, 1.0, 1.0))["dice"] == pytest.approx(1.0)
     assert case_metrics(prediction, reference, (1.0, 1.0, 1.0))["dice"] < 0.9
+
+
+def test_writer_scores_every_class_and_their_mean(tmp_path):
+    """Three classes: per-class columns equal case_metrics of that class alone; the mean columns average the
+    classes where a metric is defined (the tumour's distances are NaN in a case without tumour)."""
+    from cpcl_bundle.evaluation import METRICS, metric_columns, multiclass_case_metrics
+
+    classes = ["background", "kidney", "tumour"]
+    rng = np.random.default_rng(0)
+    cases = []
+    for name, with_tumour in (("case_a", True), ("case_b", False)):
+        ref = np.zeros(SHAPE, np.uint8)
+        ref[4:14, 4:14, 3:9] = 1
+        if with_tumour:
+            ref[9:13, 9:13, 5:8] = 2
+        pred = ref.copy()
+        pred[rng.random(SHAPE) < 0.05] = 1  # noise: every class scores below 1
+        pred[3:5, 3:6, 2:4] = 2 if with_tumour else pred[3:5, 3:6, 2:4]
+        path = tmp_path / f"{name}_label.nii.gz"
+        nib.save(nib.Nifti1Image(ref, _affine(SPACING)), str(path))
+        label = MetaTensor(torch.as_tensor(ref, dtype=torch.float32)[None], meta={"filename_or_obj": str(path)})
+        image = MetaTensor(torch.zeros(1, *SHAPE), meta={"filename_or_obj": str(tmp_path / f"{name}.nii.gz")})
+        cases.append({"image": image, "label": label, "pred": torch.as_tensor(pred, dtype=torch.float32)[None]})
+    engine = Engine(lambda engine, batch: batch)
+    SegmentationMetricsWriter(tmp_path / "out", classes=classes).attach(engine)
+    engine.run([[c] for c in cases], max_epochs=1)
+    with open(tmp_path / "out" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["case", *metric_columns(classes)]
+    assert "dice_kidney" in rows[0] and "asd_mm_tumour" in rows[0]
+    for row, case in zip(rows, cases):
+        for k, name in ((1, "kidney"), (2, "tumour")):
+            alone = case_metrics(case["pred"], case["label"], SPACING, foreground=k)
+            for metric, value in alone.items():
+                got = float(row[f"{metric}_{name}"])
+                assert (math.isnan(got) and math.isnan(value)) or got == pytest.approx(value, rel=1e-6), (metric, name)
+        kidney, tumour = float(row["dice_kidney"]), float(row["dice_tumour"])
+        assert float(row["dice"]) == pytest.approx((kidney + tumour) / 2, rel=1e-6)
+    assert math.isnan(float(rows[1]["hd95_mm_tumour"]))  # no tumour in case_b ...
+    assert float(rows[1]["hd95_mm"]) == pytest.approx(float(rows[1]["hd95_mm_kidney"]))  # ... the mean skips it
+    summary = json.loads((tmp_path / "out" / "metrics_summary.json").read_text())
+    assert summary["classes"] == classes and summary["hd95_mm_tumour"]["num_undefined"] == 1
+    two = multiclass_case_metrics(cases[0]["pred"].clamp(max=1), cases[0]["label"].clamp(max=1), SPACING, classes[:2])
+    assert set(two) == set(METRICS)  # a binary task keeps its four columns
