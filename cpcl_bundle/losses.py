@@ -78,12 +78,12 @@ def _masked_mse(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) ->
     return ((pred - target) ** 2 * weights).sum() / (weights.sum() * pred.shape[1]).clamp_min(1.0)
 
 
-def _pair_per_image(present_l: torch.Tensor, batch_u: int) -> torch.Tensor:
-    if present_l.shape[0] != batch_u:
-        raise ValueError(
-            f"per-image pairing needs as many labeled as unlabeled images, got {present_l.shape[0]} and {batch_u}"
-        )
-    return present_l.all(1)  # [B]: every class has a prototype in that image
+def _pair_per_image(present: torch.Tensor, batch_other: int) -> torch.Tensor:
+    """Pairs ``(b, b)`` for ``b < min(B, B_other)``, kept where image ``b`` of the prototype side has every class:
+    ``[min(B, B_other)]`` bool. The released code pairs the two equal halves of one batch; here a short last
+    labeled batch (fewer labeled cases than a multiple of the batch size) pairs its images with the first
+    unlabeled ones."""
+    return present[: min(present.shape[0], batch_other)].all(1)
 
 
 def forward_prototype_loss(
@@ -120,11 +120,12 @@ def forward_prototype_loss(
     if per_image:
         protos, present = masked_average_prototypes_per_image(features_l, labels_l, num_classes, weights_l)
         valid = _pair_per_image(present, features_u.shape[0])
+        n = valid.shape[0]
         classes = valid.any().expand(num_classes)
         if not bool(valid.any()):
             return _zero(features_l), classes
-        logits = prototype_logits(features_u[valid], protos[valid], size, scale)
-        return F.mse_loss(torch.softmax(logits, 1), probs_u[valid].to(logits.dtype)), classes
+        logits = prototype_logits(features_u[:n][valid], protos[:n][valid], size, scale)
+        return F.mse_loss(torch.softmax(logits, 1), probs_u[:n][valid].to(logits.dtype)), classes
     protos, present = masked_average_prototypes(features_l, labels_l, num_classes, weights_l)
     if not covers(present):
         return _zero(features_l), present
@@ -175,11 +176,12 @@ def backward_prototype_loss(
     if per_image:
         protos, present = masked_average_prototypes_per_image(features_u, pseudo, num_classes, weights_u)
         valid = _pair_per_image(present, features_l.shape[0])
+        n = valid.shape[0]
         classes = valid.any().expand(num_classes)
         if not bool(valid.any()):
             return _zero(features_l), classes
-        logits = prototype_logits(features_l[valid], protos[valid], size, scale)
-        return F.cross_entropy(logits, target[valid]), classes
+        logits = prototype_logits(features_l[:n][valid], protos[:n][valid], size, scale)
+        return F.cross_entropy(logits, target[:n][valid]), classes
     protos, present = masked_average_prototypes(features_u, pseudo, num_classes, weights_u)
     if not covers(present):
         return _zero(features_l), present

@@ -27,3 +27,15 @@ def tiny_dataset(tmp_path_factory):
     folder = tmp_path_factory.mktemp("phantoms")
     generate_dataset(folder, num_training=6, num_validation=1, num_test=2, seed=1, workers=1, scale=0.5)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_three_class_dataset(tmp_path_factory):
+    """The tiny phantoms with the renal tumour as label 2 (``make_phantoms.py --tumour_label true``)."""
+    from cpcl_bundle.synthetic import generate_dataset
+
+    folder = tmp_path_factory.mktemp("phantoms3")
+    generate_dataset(
+        folder, num_training=6, num_validation=1, num_test=2, seed=1, workers=1, scale=0.5, tumour_label=True
+    )
+    return folder

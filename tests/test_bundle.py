@@ -4,6 +4,7 @@
 
 import importlib.metadata
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata, verify_n
 from monai.inferers.utils import _get_scan_interval
 from monai.transforms import LoadImaged, Spacingd
 
+from cpcl_bundle.methods import METHODS
 from cpcl_bundle.transforms import RobustSpacingd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,3 +287,44 @@ def test_every_baseline_trains_through_the_bundle_config_into_a_plain_network(me
     parser.read_config(INFER)
     state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     parser.get_parsed_content("network_def").load_state_dict(state, strict=True)
+
+
+THREE_CLASSES = ["background", "kidney", "tumour"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_with_three_classes(method, tiny_three_class_dataset, tmp_path):
+    """``--classes "['background','kidney','tumour']"`` on phantoms with the tumour as label 2: every method takes
+    a step (with validation on three classes), and the checkpoint is a three-channel network that loads into
+    inference.json's ``network_def`` with the same classes."""
+    wf = _workflow(
+        "train",
+        TRAIN,
+        dataset_dir=str(tiny_three_class_dataset),
+        output_dir=str(tmp_path),
+        ckpt_dir=str(tmp_path / "models"),
+        method=method,
+        classes=THREE_CLASSES,
+        labeled_ratio=0.34,
+        iterations_per_epoch=1,
+        max_iterations=1,
+        val_interval=1,
+        map_interval=1,
+        **TINY,
+    )
+    wf.initialize()
+    wf.run()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert trainer.state.iteration == 1 and trainer.method.name == method
+    evaluator = wf.parser.get_parsed_content("validate#evaluator")
+    assert math.isfinite(trainer.state.metrics["train_mean_dice"])
+    assert math.isfinite(evaluator.state.metrics["val_mean_dice"])  # Dice over the two foreground classes
+    wf.finalize()
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    parser["classes"] = THREE_CLASSES
+    network = parser.get_parsed_content("network_def")
+    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    network.load_state_dict(state, strict=True)
+    assert network(torch.zeros(1, 1, 32, 32, 32)).shape[1] == 3

@@ -170,3 +170,13 @@ def test_gradient_flow(tiny_net, term, prototype_grad):
         assert all(p.grad is None for p in teacher.parameters())
     else:
         assert not loss.requires_grad  # nothing to differentiate: the released code's inert loss
+
+
+@pytest.mark.parametrize("term", ["fpc", "bpc"])
+def test_per_image_pairing_with_a_short_labeled_batch_pairs_the_first_images(term):
+    """A last labeled batch of 1 beside 2 unlabeled images (3 labeled cases, batch 2): image 0 pairs with image 0."""
+    f_l, y_l, f_u, p_u = _inputs()
+    fn = forward_prototype_loss if term == "fpc" else backward_prototype_loss
+    short, classes = fn(f_l[:1], y_l[:1], f_u, p_u, per_image=True)
+    first, _ = fn(f_l[:1], y_l[:1], f_u[:1], p_u[:1], per_image=True)
+    assert covers(classes) and short.item() == pytest.approx(first.item(), rel=1e-6) and short.item() > 0
