@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,10 +95,14 @@ def ensure_dataset(dataset_dir: str | os.PathLike, generate: Any = True, **gener
     ``<dataset_dir>/dataset.json`` is used when it exists. Otherwise, if ``dataset_dir`` does not exist or is
     empty (and ``generate``), the default phantom data set is written into it
     (:func:`cpcl_bundle.synthetic.generate_dataset`). A folder that holds other files but no datalist is
-    never written into: that is an error saying what to add.
+    never written into: that is an error saying what to add. ``generate`` may also be the generator's options
+    (e.g. ``{"tumour_label": true}``, the ``phantoms_tumour`` preset): generate, with them.
     """
     from cpcl_bundle.validation import as_bool
 
+    if isinstance(generate, Mapping):
+        generator_options = {**dict(generate), **generator_options}
+        generate = True
     generate = as_bool(generate, "generate_data")
     folder = Path(dataset_dir)
     datalist = folder / DATALIST_NAME
@@ -220,10 +224,16 @@ def _split_of(
     num_labeled: int | None,
     seed: int,
     output_dir: str | None,
-    generate: bool = True,
+    generate: Any = True,
 ):
-    datalist = load_datalist(ensure_dataset(dataset_dir, generate=generate))
+    options = dict(generate) if isinstance(generate, tuple) else generate  # _hashable's tuple back to a mapping
+    datalist = load_datalist(ensure_dataset(dataset_dir, generate=options))
     return semi_supervised_split(datalist, labeled_ratio, num_labeled, seed, output_dir)
+
+
+def _hashable(generate: Any) -> Any:
+    """``generate_data`` as a cache key (a mapping of generator options becomes a sorted tuple of items)."""
+    return tuple(sorted(dict(generate).items())) if isinstance(generate, Mapping) else generate
 
 
 def labeled_data(
@@ -232,13 +242,14 @@ def labeled_data(
     num_labeled: int | None = None,
     seed: int = 0,
     output_dir: str | os.PathLike | None = None,
-    generate: bool = True,
+    generate: Any = True,
 ) -> list[dict]:
     """The labeled stream of ``dataset_dir``'s datalist (the phantoms generated on first use when
     ``generate``), split as :func:`semi_supervised_split` does; the split is computed once per arguments and
     written to ``output_dir``."""
     out = None if output_dir is None else str(output_dir)
-    return list(_split_of(str(dataset_dir), labeled_ratio, num_labeled, int(seed), out, generate)["labeled"])
+    split = _split_of(str(dataset_dir), labeled_ratio, num_labeled, int(seed), out, _hashable(generate))
+    return list(split["labeled"])
 
 
 def sibling_images(labeled: list[dict]) -> list[dict]:
@@ -267,7 +278,7 @@ def unlabeled_data(
     seed: int = 0,
     output_dir: str | os.PathLike | None = None,
     min_count: int = 1,
-    generate: bool = True,
+    generate: Any = True,
 ) -> list[dict]:
     """The unlabeled stream that goes with ``labeled`` (``train#dataset#data``).
 
@@ -281,7 +292,8 @@ def unlabeled_data(
     root = os.path.realpath(dataset_dir)
     if labeled and all(os.path.realpath(item["image"]).startswith(root + os.sep) for item in labeled):
         out = None if output_dir is None else str(output_dir)
-        found = list(_split_of(str(dataset_dir), labeled_ratio, num_labeled, int(seed), out, generate)["unlabeled"])
+        split = _split_of(str(dataset_dir), labeled_ratio, num_labeled, int(seed), out, _hashable(generate))
+        found = list(split["unlabeled"])
         source = f"the split of {dataset_dir}"
     else:
         found = sibling_images(labeled)

@@ -144,3 +144,17 @@ def test_too_few_unlabeled_images_fall_back_to_the_labeled_ones(tmp_path):
     ]
     got = unlabeled_data(labeled, tmp_path / "elsewhere", min_count=2)  # every study annotated
     assert got == [{"image": str(tmp_path / "a.nii.gz")}, {"image": str(tmp_path / "b.nii.gz")}]
+
+
+def test_generate_data_may_carry_the_generators_options(tmp_path):
+    """The phantoms_tumour preset's ``generate_data: {"tumour_label": true}``: generated with that option on first
+    use, through ensure_dataset and through the cached split the labeled and unlabeled streams share."""
+    from cpcl_bundle.data import ensure_dataset, labeled_data
+
+    small = {"num_training": 3, "num_validation": 1, "num_test": 1, "scale": 0.3, "workers": 1}
+    datalist = json.loads(ensure_dataset(tmp_path / "a", generate={"tumour_label": True, **small}).read_text())
+    assert datalist["labels"] == {"0": "background", "1": "kidney", "2": "tumour"}
+    assert datalist["generator"]["options"] == {"tumour_label": True, "scale": 0.3}
+    labeled = labeled_data(tmp_path / "b", 0.34, None, 0, None, {"tumour_label": True, **small})
+    assert len(labeled) == 1
+    assert json.loads((tmp_path / "b" / "dataset.json").read_text())["generator"]["options"]["tumour_label"] is True
