@@ -22,6 +22,7 @@ _SUBMODULES = (
     "guard",
     "handlers",
     "losses",
+    "metadata",
     "methods",
     "networks",
     "plots",

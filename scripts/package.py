@@ -30,6 +30,11 @@ Checks first: ``configs/metadata.json`` ``version`` equals ``cpcl_bundle.__versi
 zoo's ``models/`` folder (without the weights): one entry for ``models/model.pt`` (and ``models/model.ts`` when
 shipped) with ``path``, the ``url`` given (``{name}``, ``{version}`` and ``{file}`` filled in), its ``hash_val`` (md5,
 computed here) and ``hash_type``, as the zoo's CI and ``python -m monai.bundle download_large_files`` read it.
+``--classes "['background','kidney','tumour']"`` releases a model trained with other classes than
+configs/inference.json's (a preset's): the zip's ``configs/inference.json`` and ``configs/train.json`` carry them as
+``classes`` and its ``configs/metadata.json`` describes them (``num_channels``, ``channel_def``, which MONAI Label
+reads for its label names, ``label_classes``, ``pred_classes``); the source tree is not changed. Without it,
+``configs/metadata.json`` must already describe configs/inference.json's ``classes`` (checked).
 ``--eval_summary <metrics_summary.json>`` records what ``configs/evaluate.json`` measured for these weights as
 ``eval_metrics`` of ``configs/metadata.json`` (source tree and zip) before the zip is written.
 
@@ -147,6 +152,17 @@ def check_bundle(bundle_root: str | os.PathLike) -> tuple[str, str]:
         )
     if version not in (meta.get("changelog") or {}):
         raise PackagingError(f"version {version!r} is not a key of the changelog in {meta_file}: add an entry")
+    from cpcl_bundle.metadata import classes_of, described_classes
+
+    try:
+        config_classes, meta_classes = classes_of(root / "configs" / "inference.json"), described_classes(meta)
+    except (KeyError, ValueError) as e:
+        raise PackagingError(f"cannot compare the classes of configs/inference.json and {meta_file}: {e}") from e
+    if config_classes != meta_classes:
+        raise PackagingError(
+            f"{meta_file} describes the output channels as {meta_classes}, configs/inference.json's classes are"
+            f" {config_classes}: make them agree (cpcl_bundle.metadata.describe_classes)"
+        )
     if not re.fullmatch(r"\d+\.\d+\.\d+", version):
         raise PackagingError(f"version {version!r} is not MAJOR.MINOR.PATCH")
     if "_v" in name or not re.fullmatch(r"[a-z0-9_]+", name):
@@ -194,8 +210,9 @@ def collect_files(
     return sorted(files)
 
 
-def verify_weights(bundle_root: str | os.PathLike, model: str | os.PathLike) -> None:
-    """``model`` is a plain state dict that loads strictly into ``network_def`` of configs/inference.json."""
+def verify_weights(bundle_root: str | os.PathLike, model: str | os.PathLike, classes: list[str] | None = None) -> None:
+    """``model`` is a plain state dict that loads strictly into ``network_def`` of configs/inference.json (with
+    ``classes`` when given)."""
     import torch
     from monai.bundle import ConfigParser
 
@@ -215,13 +232,16 @@ def verify_weights(bundle_root: str | os.PathLike, model: str | os.PathLike) -> 
     try:
         parser = ConfigParser()
         parser.read_config(os.path.join(root, "configs", "inference.json"))
+        if classes is not None:
+            parser["classes"] = list(classes)
         net = parser.get_parsed_content("network_def")
     finally:
         sys.path.remove(root)
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise PackagingError(f"{model} does not fit network_def of configs/inference.json: {e}") from e
+        hint = "" if classes is not None else " (a model with other classes: pass them with --classes)"
+        raise PackagingError(f"{model} does not fit network_def of configs/inference.json{hint}: {e}") from e
 
 
 def verify_torchscript(path: str | os.PathLike) -> None:
@@ -242,7 +262,7 @@ def _file_digest(path: Path, algorithm: str) -> str:
     return digest.hexdigest()
 
 
-def write_zip(zip_path: str | os.PathLike, top_folder: str, files: list[tuple[str, Path]]) -> str:
+def write_zip(zip_path: str | os.PathLike, top_folder: str, files: list[tuple[str, Path | bytes]]) -> str:
     """Write ``files`` under ``top_folder/`` reproducibly (atomically replacing ``zip_path``); return its sha1."""
     zip_path = Path(zip_path)
     zip_path.parent.mkdir(parents=True, exist_ok=True)
@@ -254,7 +274,8 @@ def write_zip(zip_path: str | os.PathLike, top_folder: str, files: list[tuple[st
                 info.create_system = 3  # unix, whatever the building OS (the attributes below are unix modes)
                 info.external_attr = ZIP_FILE_MODE << 16
                 info.compress_type = zipfile.ZIP_DEFLATED
-                zf.writestr(info, src.read_bytes(), compress_type=zipfile.ZIP_DEFLATED, compresslevel=ZIP_COMPRESSLEVEL)
+                data = src if isinstance(src, bytes) else src.read_bytes()
+                zf.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=ZIP_COMPRESSLEVEL)
         os.replace(tmp, zip_path)
     finally:
         if tmp.exists():
@@ -266,6 +287,29 @@ def write_zip(zip_path: str | os.PathLike, top_folder: str, files: list[tuple[st
             zip_path.unlink()
             raise PackagingError(f"{zip_path} failed its read-back check ({bad[:3]}): removed")
     return _file_digest(zip_path, "sha1")
+
+
+#: The configs whose top-level ``classes`` a release for another set of classes sets.
+CLASS_CONFIGS = ("configs/inference.json", "configs/train.json")
+
+
+def _with_classes(rel: str, src: Path | bytes, classes: list[str]) -> Path | bytes:
+    """The release's bytes of ``rel`` for a model with ``classes``: metadata.json describes them
+    (:func:`cpcl_bundle.metadata.describe_classes`), inference.json and train.json carry them as ``classes``;
+    every other file as it is."""
+    from cpcl_bundle.metadata import describe_classes
+
+    if rel != "configs/metadata.json" and rel not in CLASS_CONFIGS:
+        return src
+    content = json.loads(src if isinstance(src, bytes) else src.read_text(encoding="utf-8"))
+    if rel == "configs/metadata.json":
+        try:
+            content = describe_classes(content, classes)
+        except ValueError as e:
+            raise PackagingError(f"--classes: {e}") from e
+    elif "classes" in content:
+        content["classes"] = list(classes)
+    return (json.dumps(content, indent=4, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def write_large_files(bundle_root: str | os.PathLike, files: list[tuple[str, Path]], url: str) -> Path:
@@ -333,6 +377,7 @@ def build(
     check_weights_: bool = True,
     large_files_url: str | None = None,
     eval_summary: str | os.PathLike | None = None,
+    classes: list[str] | None = None,
 ) -> Release:
     """Check the bundle, write the release zip, return what was written (see the module docstring)."""
     root = Path(bundle_root).resolve()
@@ -353,8 +398,9 @@ def build(
             raise PackagingError(f"{ts_path} does not exist; export it in the bundle root: `{EXPORT_COMMAND}`")
         if ts_path.stat().st_mtime < model_path.stat().st_mtime:
             print(f"warning: {ts_path} is older than {model_path}: export it again?", file=sys.stderr)
+    classes = None if classes is None else [str(c) for c in classes]
     if check_weights_:
-        verify_weights(root, model_path)
+        verify_weights(root, model_path, classes)
         if ts_path is not None:
             verify_torchscript(ts_path)
     if not (root / "docs" / "README.md").is_file():
@@ -362,7 +408,9 @@ def build(
     model_md5 = _file_digest(model_path, "md5")
     if eval_summary is not None:
         record_eval_metrics(root, eval_summary, model_md5)
-    files = collect_files(root, model_path, ts_path)
+    files: list[tuple[str, Path | bytes]] = list(collect_files(root, model_path, ts_path))
+    if classes is not None:
+        files = [(rel, _with_classes(rel, src, classes)) for rel, src in files]
     large_files = None
     if large_files_url:
         large_files = write_large_files(
@@ -377,7 +425,7 @@ def build(
         version=version,
         sha1=sha1,
         source=source_url.format(name=name, version=version, zip_name=zip_name),
-        files=[(rel, src.stat().st_size) for rel, src in files],
+        files=[(rel, len(src) if isinstance(src, bytes) else src.stat().st_size) for rel, src in files],
         model_md5=model_md5,
         large_files=large_files,
     )
@@ -392,6 +440,7 @@ def package(
     check_weights: bool = True,
     large_files_url: str | None = None,
     eval_summary: str | None = None,
+    classes: list[str] | None = None,
 ) -> None:
     """Build ``<out_dir>/<name>_v<version>.zip`` and print its model_info.json entry (stdout).
 
@@ -406,9 +455,14 @@ def package(
             source tree ({name}, {version} and {file} are filled in).
         eval_summary: the metrics_summary.json of configs/evaluate.json for these weights: recorded as eval_metrics
             of configs/metadata.json.
+        classes: the classes the weights were trained with when they are not configs/inference.json's (a
+            preset's, e.g. "['background','kidney','tumour']"): the zip's inference.json and train.json carry
+            them and its metadata.json describes them (output channels, MONAI Label's label names).
     """
     start = time.time()
-    release = build(bundle_root, out_dir, model, torchscript, source_url, check_weights, large_files_url, eval_summary)
+    release = build(
+        bundle_root, out_dir, model, torchscript, source_url, check_weights, large_files_url, eval_summary, classes
+    )
     for rel, size in release.files:
         print(f"  {release.name}/{rel}  ({size:,} B)", file=sys.stderr)
     print(

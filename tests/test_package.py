@@ -400,3 +400,52 @@ def test_large_files_yml_lets_the_zoo_download_the_weights(bundle, tmp_path):
     assert (tree / "models" / "model.pt").read_bytes() == weights.read_bytes()
     log = (tmp_path / "http_server.log").read_text()
     assert log.count(f'"GET /{BUNDLE_NAME}/v{__version__}/model.pt HTTP/1.1" 200') == 2, log
+
+
+THREE = ["background", "kidney", "tumour"]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit")
+def test_a_model_with_other_classes_is_released_with_them(bundle, tmp_path):
+    """--classes: the zip's inference.json and train.json carry the classes, its metadata.json describes three
+    output channels (what MONAI Label names its labels from), and the zoo's verify_net_in_out and ckpt_export pass
+    on the unpacked zip; the source tree is unchanged. Without --classes such weights are refused, and metadata
+    that does not describe inference.json's classes is refused."""
+    from monai.bundle import ckpt_export, verify_net_in_out
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["classes"] = THREE
+    weights = tmp_path / "model3.pt"
+    torch.save(parser.get_parsed_content("network_def").state_dict(), weights)
+    sources = {rel: (bundle / rel).read_bytes() for rel in ("configs/metadata.json", *pkg.CLASS_CONFIGS)}
+    with pytest.raises(pkg.PackagingError, match="pass them with --classes"):
+        pkg.build(bundle, out_dir=tmp_path / "refused", model=weights)
+    release = pkg.build(bundle, out_dir=tmp_path / "dist", model=weights, classes=THREE)
+    assert {rel: (bundle / rel).read_bytes() for rel in sources} == sources
+    with zipfile.ZipFile(release.path) as zf:
+        zf.extractall(tmp_path / "unpacked")
+    root = tmp_path / "unpacked" / BUNDLE_NAME
+    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert pred["num_channels"] == 3 and pred["channel_def"] == {"0": "background", "1": "kidney", "2": "tumour"}
+    assert meta["label_classes"] == "0 background, 1 kidney, 2 tumour"
+    for rel in pkg.CLASS_CONFIGS:
+        text = (root / rel).read_text()
+        assert json.loads(text)["classes"] == THREE and text.startswith("{\n    ")
+    meta_file, config_file = str(root / "configs" / "metadata.json"), str(root / "configs" / "inference.json")
+    verify_net_in_out(net_id="network_def", meta_file=meta_file, config_file=config_file, bundle_root=str(root))
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(tmp_path / "model.ts"),
+        ckpt_file=str(root / "models" / "model.pt"),
+        meta_file=meta_file,
+        config_file=config_file,
+        bundle_root=str(root),
+    )
+    assert torch.jit.load(str(tmp_path / "model.ts"))(torch.zeros(1, 1, 32, 32, 32)).shape[1] == 3
+
+    mismatched = _minimal_bundle(bundle, tmp_path / "mismatched")
+    (mismatched / "configs" / "metadata.json").write_text((root / "configs" / "metadata.json").read_text())
+    with pytest.raises(pkg.PackagingError, match="describes the output channels as"):
+        pkg.check_bundle(mismatched)
