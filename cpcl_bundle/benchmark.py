@@ -43,6 +43,7 @@ from cpcl_bundle.evaluation import METRICS, summarise
 from cpcl_bundle.methods import METHODS
 
 __all__ = [
+    "metrics_in",
     "Run",
     "plan",
     "bundle_command",
@@ -274,13 +275,27 @@ def _records(output_dir: str | os.PathLike) -> dict[Path, dict[str, Any]]:
     return {p.parent: json.loads(p.read_text()) for p in sorted(Path(output_dir).glob("runs/*/run.json"))}
 
 
+def _metric_of(column: str) -> str:
+    """The metric a column holds: ``dice`` for ``dice`` and for a class's ``dice_<class>``."""
+    return next(m for m in sorted(METRICS, key=len, reverse=True) if column == m or column.startswith(f"{m}_"))
+
+
+def metrics_in(rows: Sequence[dict]) -> list[str]:
+    """The metric columns of ``rows``: :data:`~cpcl_bundle.evaluation.METRICS` (the mean over the foreground
+    classes), then the per-class columns (``dice_<class>`` ...) of multi-class runs, in their order."""
+    extra = [k for k in (rows[0] if rows else {}) if k not in METRICS and any(k.startswith(f"{m}_") for m in METRICS)]
+    return [*METRICS, *extra]
+
+
 def collect(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Per-case metrics of every finished run under ``output_dir``: rows of run, method, ratio, seed, case and
-    :data:`~cpcl_bundle.evaluation.METRICS`."""
+    :data:`~cpcl_bundle.evaluation.METRICS` (plus each class's columns for multi-class runs)."""
     rows = []
     for folder, record in _records(output_dir).items():
         with open(folder / "test" / "metrics.csv", newline="") as f:
-            for row in csv.DictReader(f):
+            reader = csv.DictReader(f)
+            columns = [c for c in reader.fieldnames or [] if c != "case"]
+            for row in reader:
                 rows.append(
                     {
                         "run": record["name"],
@@ -289,7 +304,7 @@ def collect(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
                         "num_labeled": record.get("num_labeled"),
                         "seed": int(record["seed"]),
                         "case": row["case"],
-                        **{m: float(row[m]) if row[m] not in ("", "nan") else math.nan for m in METRICS},
+                        **{m: float(row[m]) if row[m] not in ("", "nan") else math.nan for m in columns},
                     }
                 )
     return rows
@@ -342,7 +357,7 @@ def summarise_runs(rows: Sequence[dict], reference: str = REFERENCE) -> list[dic
         else:
             against = (reference, ratios_with_reference[0])
         entry["compared_with"] = None if against is None else {"method": against[0], "ratio": against[1]}
-        for metric in METRICS:
+        for metric in metrics_in(rows):
             per_case = list(_per_case(rows, method, ratio, metric).values())
             seed_means = [
                 float(
@@ -363,7 +378,7 @@ def summarise_runs(rows: Sequence[dict], reference: str = REFERENCE) -> list[dic
 
 
 def _fmt(metric: str, stats: dict[str, Any]) -> str:
-    scale = 100.0 if metric in PERCENT else 1.0
+    scale = 100.0 if _metric_of(metric) in PERCENT else 1.0
     mean, std = stats["mean"] * scale, stats["std"] * scale
     if not math.isfinite(mean):
         return "n/a"
@@ -373,22 +388,34 @@ def _fmt(metric: str, stats: dict[str, Any]) -> str:
 def markdown_table(summary: Sequence[dict[str, Any]], alpha: float = 0.05) -> str:
     """The paper's layout: a block per label ratio (the 100 % upper bound first), rows ``method | labeled``,
     each metric as ``mean (std)``; ``*`` where the paired t-test against CPCL gives p <= ``alpha``; the best
-    mean of each metric within a ratio's block in bold."""
+    mean of each metric within a ratio's block in bold. Multi-class runs: this table for the mean over the
+    foreground classes, then one per class (``#### <class>``)."""
+    classes = [m[len("dice_") :] for m in (summary[0] if summary else {}) if m.startswith("dice_")]
+    if not classes:
+        return _metric_table(summary, list(METRICS), alpha)
+    parts = ["Mean over the foreground classes:\n\n" + _metric_table(summary, list(METRICS), alpha)]
+    for name in classes:
+        parts.append(f"#### {name}\n\n" + _metric_table(summary, [f"{m}_{name}" for m in METRICS], alpha))
+    return "\n".join(parts)
+
+
+def _metric_table(summary: Sequence[dict[str, Any]], metrics: list[str], alpha: float) -> str:
+    """:func:`markdown_table` for the given metric columns (the mean's, or one class's)."""
     order = {name: i for i, name in enumerate(["supervised", *METHODS])}
     entries = sorted(summary, key=lambda e: (-(e["ratio"] >= 1.0), e["ratio"], order.get(e["method"], 99)))
     best: dict[tuple[float, str], float] = {}
-    for metric in METRICS:
+    for metric in metrics:
         for ratio in {e["ratio"] for e in entries}:
             means = [e[metric]["mean"] for e in entries if e["ratio"] == ratio and math.isfinite(e[metric]["mean"])]
             if len(means) > 1:
-                best[(ratio, metric)] = max(means) if HIGHER_IS_BETTER[metric] else min(means)
+                best[(ratio, metric)] = max(means) if HIGHER_IS_BETTER[_metric_of(metric)] else min(means)
     lines = [
-        "| method | labeled | " + " | ".join(HEADERS[m] for m in METRICS) + " |",
-        "|---|---|" + "---|" * len(METRICS),
+        "| method | labeled | " + " | ".join(HEADERS[_metric_of(m)] for m in metrics) + " |",
+        "|---|---|" + "---|" * len(metrics),
     ]
     for e in entries:
         cells = []
-        for metric in METRICS:
+        for metric in metrics:
             text = _fmt(metric, e[metric])
             p = e[metric].get("p_value", math.nan)
             if math.isfinite(p) and p <= alpha:

@@ -267,3 +267,36 @@ def test_a_cleared_setting_reaches_the_bundle_over_a_presets_value():
     assert parser.get_parsed_content("num_labeled") == 16
     parser.update({"num_labeled": DefaultParseValue(value), "labeled_ratio": 1.0})
     assert parser.get_parsed_content("num_labeled") is None
+
+
+def test_multiclass_runs_get_a_table_per_class(tmp_path):
+    """Runs evaluated with three classes: collect() reads the per-class columns, summarise_runs() tests each
+    against CPCL, and the table has the mean block then one block per class with that class's numbers."""
+    from cpcl_bundle.benchmark import collect, markdown_table, metrics_in, summarise_runs
+    from cpcl_bundle.evaluation import metric_columns
+
+    columns = metric_columns(["background", "kidney", "tumour"])
+    rng = np.random.default_rng(0)
+    for method, shift in (("cpcl", 0.0), ("supervised", -0.1)):
+        folder = tmp_path / "runs" / f"{method}_10pct_seed0"
+        (folder / "test").mkdir(parents=True)
+        record = {"name": folder.name, "method": method, "ratio": 0.1, "seed": 0}
+        (folder / "run.json").write_text(json.dumps(record))
+        with open(folder / "test" / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["case", *columns])
+            writer.writeheader()
+            for case in range(6):
+                row = {c: rng.uniform(0.5, 0.9) + (shift if c.startswith("dice_tumour") else 0.0) for c in columns}
+                writer.writerow({"case": f"case_{case}", **row})
+    rows = collect(tmp_path)
+    assert metrics_in(rows) == columns and len(rows) == 12
+    summary = summarise_runs(rows)
+    supervised = next(e for e in summary if e["method"] == "supervised")
+    tumour = [r["dice_tumour"] for r in rows if r["method"] == "supervised"]
+    assert supervised["dice_tumour"]["mean"] == pytest.approx(float(np.mean(tumour)))
+    assert 0 <= supervised["dice_tumour"]["p_value"] <= 1 and supervised["dice_tumour"]["num_pairs"] == 6
+    table = markdown_table(summary)
+    assert table.startswith("Mean over the foreground classes:") and "#### kidney" in table and "#### tumour" in table
+    tumour_block = table.split("#### tumour")[1]
+    assert f"{100 * supervised['dice_tumour']['mean']:.2f}" in tumour_block
+    assert f"{100 * supervised['dice_tumour']['mean']:.2f}" not in table.split("#### kidney")[0]
