@@ -206,15 +206,31 @@ def prototype_predictions(
 ) -> dict[str, torch.Tensor | None]:
     """``P_l2u`` (Eq. 5) and ``P_u2l`` (Eq. 9) themselves, for inspection (the paper's Fig. 6).
 
-    Batch prototypes as in the losses; a map whose prototypes are undefined for this batch is ``None``.
+    Batch prototypes as in the losses: the softmax runs over the classes that have a prototype, and a class
+    without one gets a zero channel; a map with fewer than two classes to tell apart is ``None``.
     """
     num_classes = probs_u.shape[1]
     protos_l, present_l = masked_average_prototypes(features_l, labels_l, num_classes)
     protos_u, present_u = masked_average_prototypes(features_u, probs_u.argmax(1, keepdim=True), num_classes)
     return {
-        "p_l2u": prototype_probabilities(features_u, protos_l, probs_u.shape[2:], scale) if present_l.all() else None,
-        "p_u2l": prototype_probabilities(features_l, protos_u, labels_l.shape[2:], scale) if present_u.all() else None,
+        "p_l2u": _covered_probabilities(features_u, protos_l, present_l, probs_u.shape[2:], scale),
+        "p_u2l": _covered_probabilities(features_l, protos_u, present_u, labels_l.shape[2:], scale),
     }
+
+
+def _covered_probabilities(
+    features: torch.Tensor, protos: torch.Tensor, present: torch.Tensor, size, scale: float
+) -> torch.Tensor | None:
+    """Prototype probabilities over the classes in ``present``, as ``[B, K, *S]`` with zeros for the others."""
+    if not covers(present):
+        return None
+    if bool(present.all()):
+        return prototype_probabilities(features, protos, size, scale)
+    index = present.nonzero()[:, 0]
+    probs = prototype_probabilities(features, protos[index], size, scale)
+    out = probs.new_zeros(probs.shape[0], present.numel(), *probs.shape[2:])
+    out[:, index.to(out.device)] = probs
+    return out
 
 
 def softmax_mse_consistency(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:

@@ -180,3 +180,19 @@ def test_per_image_pairing_with_a_short_labeled_batch_pairs_the_first_images(ter
     short, classes = fn(f_l[:1], y_l[:1], f_u, p_u, per_image=True)
     first, _ = fn(f_l[:1], y_l[:1], f_u[:1], p_u[:1], per_image=True)
     assert covers(classes) and short.item() == pytest.approx(first.item(), rel=1e-6) and short.item() > 0
+
+
+def test_fig6_maps_cover_the_classes_present():
+    """K = 3 with class 2 in no labeled image: P_l2u is the softmax over the two labeled prototypes, with a zero
+    channel for class 2, not None (a small tumour class would otherwise blank Fig. 6 on most steps)."""
+    from cpcl_bundle.losses import prototype_predictions
+
+    f_l, y_l, f_u, p_u = _inputs(k=3)
+    y_l = y_l % 2
+    maps = prototype_predictions(f_l, y_l, f_u, p_u)
+    protos, _ = brute_prototypes(f_l, y_l, 3)
+    expected = brute_probabilities(f_u, protos[:2], (12, 12, 12))
+    assert torch.allclose(maps["p_l2u"][:, :2], expected, atol=1e-5) and maps["p_l2u"][:, 2].abs().max() == 0
+    assert maps["p_u2l"] is not None and maps["p_u2l"].shape == (2, 3, 12, 12, 12)
+    none = prototype_predictions(f_l, torch.zeros_like(y_l), f_u, p_u)  # background only: nothing to tell apart
+    assert none["p_l2u"] is None
