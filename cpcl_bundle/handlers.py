@@ -23,6 +23,7 @@ __all__ = [
     "probe_maps",
     "pick_slice",
     "slice_cuts",
+    "class_panels",
     "map_panels",
     "load_snapshots",
 ]
@@ -68,10 +69,25 @@ def map_panels(
             continue
         channel = 0 if name.startswith(("x", "y")) else foreground
         plane = vol[channel].select(axis % (vol.ndim - 1), cut[stream]).float()
+        if name == "y_l":  # class indices: this class's mask
+            plane = (plane.round() == foreground).float()
         if name.startswith("x"):
             lo, hi = float(plane.min()), float(plane.max())
             plane = (plane - lo) / (hi - lo) if hi > lo else torch.zeros_like(plane)
         panels[name] = plane.clamp(0, 1).numpy()
+    return panels
+
+
+def class_panels(maps: dict[str, torch.Tensor | None], cut: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """:func:`map_panels` for every foreground class, all cut at the same slices: class 1's panels under their
+    plain names, class ``k > 1``'s as ``<panel>_class<k>`` (a binary model's panels are unchanged)."""
+    probs = maps.get("p_l")
+    num_classes = 2 if probs is None else int(probs.shape[0])
+    cut = slice_cuts(maps) if cut is None else cut
+    panels: dict[str, np.ndarray] = {}
+    for k in range(1, num_classes):
+        suffix = "" if k == 1 else f"_class{k}"
+        panels.update({f"{name}{suffix}": plane for name, plane in map_panels(maps, foreground=k, cut=cut).items()})
     return panels
 
 
@@ -128,7 +144,8 @@ class PrototypeMapHandler:
 
     With ``fixed`` (the default), the first snapshot keeps its batch's first labeled and unlabeled volume and
     every snapshot shows the current student and teacher on those same volumes, cut at the same slices
-    (:func:`probe_maps`): one slice followed through training, as in the figure. Otherwise each
+    (:func:`probe_maps`): one slice followed through training, as in the figure. With several foreground
+    classes, each class has its panels (:func:`class_panels`) and its two rows in the montage. Otherwise each
     snapshot shows the step's own batch. Writes to TensorBoard (``tag/<panel>``) and, when ``png_dir`` is
     given, per step a montage PNG (``<png_dir>/prototype_maps_<iteration>.png``; rows: unlabeled then labeled)
     and the panels as arrays (``.npz``, read by :func:`load_snapshots`).
@@ -192,7 +209,7 @@ class PrototypeMapHandler:
             maps, cut = probe_maps(engine, *self._probe), self._cut
         if not maps:
             return
-        panels = map_panels(maps, cut=cut)
+        panels = class_panels(maps, cut=cut)
         for name, plane in panels.items():
             self.writer.add_image(f"{self.tag}/{name}", plane[None], step, dataformats="CHW")
         self.writer.flush()
@@ -203,11 +220,13 @@ class PrototypeMapHandler:
         from PIL import Image
 
         shape = next(iter(panels.values())).shape
+        suffixes = [""] + sorted({n[n.index("_class") :] for n in panels if "_class" in n})
         rows = []
-        for names in (PANELS[:3], PANELS[3:]):
-            row = [panels.get(n, np.zeros(shape)) for n in names]
-            row += [np.zeros(shape)] * (4 - len(row))
-            rows.append(np.concatenate([np.rot90(p) for p in row], axis=1))
+        for suffix in suffixes:  # per class: the unlabeled row, then the labeled row
+            for names in (PANELS[:3], PANELS[3:]):
+                row = [panels.get(n + suffix, np.zeros(shape)) for n in names]
+                row += [np.zeros(shape)] * (4 - len(row))
+                rows.append(np.concatenate([np.rot90(p) for p in row], axis=1))
         montage = (np.concatenate(rows, axis=0) * 255).astype(np.uint8)
         self.png_dir.mkdir(parents=True, exist_ok=True)
         Image.fromarray(montage).save(self.png_dir / f"prototype_maps_{step:06d}.png")

@@ -2,6 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Fig. 6 maps: taken from the trainer's step on the shown iterations, written to TensorBoard and as PNG montages."""
 
+import numpy as np
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
@@ -102,3 +103,29 @@ def test_map_panels_are_unit_range_slices():
     panels = map_panels(maps)
     assert set(panels) == set(PANELS) - {"p_u2l"}
     assert all(p.shape == (8, 8) and p.min() >= 0 and p.max() <= 1 for p in panels.values())
+
+
+def test_every_foreground_class_gets_its_panels_and_montage_rows(tmp_path):
+    """Three classes: class 1 keeps the plain panel names, class 2's panels are suffixed and show class 2 (its
+    label mask is y_l == 2, its maps channel 2); the montage has two rows per foreground class."""
+    from cpcl_bundle.handlers import class_panels, slice_cuts
+
+    g = torch.Generator().manual_seed(0)
+    y_l = torch.zeros(1, 12, 12, 8)
+    y_l[:, 2:6, 2:6, 2:6], y_l[:, 7:10, 7:10, 2:6] = 1, 2
+    probs = lambda: torch.softmax(torch.randn(3, 12, 12, 8, generator=g), 0)  # noqa: E731
+    maps = {"x_l": torch.rand(1, 12, 12, 8, generator=g), "y_l": y_l, "p_l": probs(), "x_u": torch.rand(1, 12, 12, 8)}
+    maps.update(p_u=probs(), p_l2u=probs(), p_u2l=probs())
+    panels = class_panels(maps)
+    assert set(panels) == set(PANELS) | {f"{n}_class2" for n in PANELS}
+    cut = slice_cuts(maps)["l"]  # the labeled stream: where the label has the most foreground
+    assert 2 <= cut <= 5
+    assert np.array_equal(panels["y_l_class2"], (y_l[0, :, :, cut] == 2).float().numpy())
+    assert np.array_equal(panels["y_l"], (y_l[0, :, :, cut] == 1).float().numpy())
+    assert np.allclose(panels["p_l_class2"], maps["p_l"][2, :, :, cut].numpy())
+    handler = PrototypeMapHandler(png_dir=tmp_path)
+    handler._save_png(panels, 7)
+    from PIL import Image
+
+    montage = np.asarray(Image.open(tmp_path / "prototype_maps_000007.png"))
+    assert montage.shape == (4 * 12, 4 * 12)  # 2 classes x 2 rows of 4 panels of 12 x 12 (a binary model: 2 rows)
