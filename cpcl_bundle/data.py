@@ -141,7 +141,7 @@ def inference_datalist(dataset_dir: str | os.PathLike, key: str = "test") -> lis
     image file directly in ``dataset_dir`` (NIfTI, NRRD, MetaImage) and every DICOM series folder in it
     (``dataset_dir`` itself when it holds DICOM files, and any folder below it that does; see
     :mod:`cpcl_bundle.dicom`), sorted. ``dataset_dir`` may also be one image file."""
-    from .dicom import dicom_folders, is_dicom_file
+    from .dicom import dicom_folders
 
     path = Path(dataset_dir)
     if path.is_file():
@@ -151,11 +151,7 @@ def inference_datalist(dataset_dir: str | os.PathLike, key: str = "test") -> lis
     if (path / DATALIST_NAME).is_file():
         items = load_datalist(path / DATALIST_NAME)[key]
         return [{"image": item["image"]} for item in items]
-    files = sorted(
-        str(p)
-        for p in path.iterdir()
-        if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES) and not is_dicom_file(p)
-    )
+    files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
     series = [str(folder) for folder in dicom_folders(path)]
     if not files and not series:
         raise MissingInputError(
@@ -218,22 +214,9 @@ def semi_supervised_split(
 
 
 @functools.lru_cache(maxsize=8)
-def _split_of(
-    dataset_dir: str,
-    labeled_ratio: float | None,
-    num_labeled: int | None,
-    seed: int,
-    output_dir: str | None,
-    generate: Any = True,
-):
-    options = dict(generate) if isinstance(generate, tuple) else generate  # _hashable's tuple back to a mapping
-    datalist = load_datalist(ensure_dataset(dataset_dir, generate=options))
-    return semi_supervised_split(datalist, labeled_ratio, num_labeled, seed, output_dir)
-
-
-def _hashable(generate: Any) -> Any:
-    """``generate_data`` as a cache key (a mapping of generator options becomes a sorted tuple of items)."""
-    return tuple(sorted(dict(generate).items())) if isinstance(generate, Mapping) else generate
+def _split_of(datalist: str, labeled_ratio: float | None, num_labeled: int | None, seed: int, output_dir: str | None):
+    """The split of the datalist file ``datalist`` (:func:`ensure_dataset`'s result), once per arguments."""
+    return semi_supervised_split(load_datalist(datalist), labeled_ratio, num_labeled, seed, output_dir)
 
 
 def labeled_data(
@@ -248,8 +231,8 @@ def labeled_data(
     ``generate``), split as :func:`semi_supervised_split` does; the split is computed once per arguments and
     written to ``output_dir``."""
     out = None if output_dir is None else str(output_dir)
-    split = _split_of(str(dataset_dir), labeled_ratio, num_labeled, int(seed), out, _hashable(generate))
-    return list(split["labeled"])
+    datalist = str(ensure_dataset(dataset_dir, generate=generate))
+    return list(_split_of(datalist, labeled_ratio, num_labeled, int(seed), out)["labeled"])
 
 
 def sibling_images(labeled: list[dict]) -> list[dict]:
@@ -292,8 +275,8 @@ def unlabeled_data(
     root = os.path.realpath(dataset_dir)
     if labeled and all(os.path.realpath(item["image"]).startswith(root + os.sep) for item in labeled):
         out = None if output_dir is None else str(output_dir)
-        split = _split_of(str(dataset_dir), labeled_ratio, num_labeled, int(seed), out, _hashable(generate))
-        found = list(split["unlabeled"])
+        datalist = str(ensure_dataset(dataset_dir, generate=generate))
+        found = list(_split_of(datalist, labeled_ratio, num_labeled, int(seed), out)["unlabeled"])
         source = f"the split of {dataset_dir}"
     else:
         found = sibling_images(labeled)

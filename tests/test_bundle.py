@@ -256,37 +256,49 @@ def test_paper_protocol_preset_overrides_the_cpu_demo():
     assert names == ["CropForegroundd", "SpatialPadd", "RandCropByPosNegLabeld"]  # the demo's kidney-ROI crops
 
 
+def _one_step(dataset: Path, tmp_path: Path, method: str, **ids):
+    """One training step of ``method`` through train.json (tiny settings, final checkpoint in tmp_path/models);
+    returns the finished workflow's trainer and evaluator."""
+    settings = dict(iterations_per_epoch=1, max_iterations=1, val_interval=1, map_interval=1, **TINY)
+    wf = _workflow(
+        "train",
+        TRAIN,
+        dataset_dir=str(dataset),
+        output_dir=str(tmp_path),
+        ckpt_dir=str(tmp_path / "models"),
+        method=method,
+        labeled_ratio=0.34,  # 2 labeled cases: the released code pairs labeled and unlabeled images one to one
+        **{**settings, **ids},
+    )
+    wf.initialize()
+    wf.run()
+    trainer, evaluator = (wf.parser.get_parsed_content(k) for k in ("train#trainer", "validate#evaluator"))
+    assert trainer.state.iteration == 1 and trainer.method.name == method
+    wf.finalize()
+    return trainer, evaluator
+
+
+def _checkpoint_network(tmp_path: Path, **ids) -> torch.nn.Module:
+    """inference.json's ``network_def`` (with ``ids``) holding tmp_path/models/model.pt, loaded strictly."""
+    parser = ConfigParser()
+    parser.read_config(INFER)
+    for key, value in ids.items():
+        parser[key] = value
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True))
+    return network
+
+
 @pytest.mark.parametrize("method", ["uamt", "entropy_min", "ict", "dan", "dtml", "cpcl_released"])
 def test_every_baseline_trains_through_the_bundle_config_into_a_plain_network(method, tiny_dataset, tmp_path):
     """``--method <name>`` with train.json as it ships: a step with validation and the final checkpoint, which
     loads strictly into inference.json's ``network_def`` (no dropout hook, discriminator or second network
     leaks into what export and MONAI Label load)."""
-    wf = _workflow(
-        "train",
-        TRAIN,
-        dataset_dir=str(tiny_dataset),
-        output_dir=str(tmp_path),
-        ckpt_dir=str(tmp_path / "models"),
-        method=method,
-        labeled_ratio=0.34,  # 2 labeled cases: the released code pairs labeled and unlabeled images one to one
-        iterations_per_epoch=1,
-        max_iterations=1,
-        val_interval=1,
-        map_interval=1,
-        **TINY,
-    )
-    wf.initialize()
-    wf.run()
-    trainer = wf.parser.get_parsed_content("train#trainer")
-    assert trainer.state.iteration == 1 and trainer.method.name == method
     from cpcl_bundle.trainer import loss_terms
 
+    trainer, _ = _one_step(tiny_dataset, tmp_path, method)
     assert {f"loss_{t}" for t in trainer.method.terms} <= set(loss_terms(trainer.state.output))
-    wf.finalize()
-    parser = ConfigParser()
-    parser.read_config(INFER)
-    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
-    parser.get_parsed_content("network_def").load_state_dict(state, strict=True)
+    _checkpoint_network(tmp_path)
 
 
 THREE_CLASSES = ["background", "kidney", "tumour"]
@@ -298,35 +310,12 @@ def test_every_method_trains_with_three_classes(method, tiny_three_class_dataset
     """``--classes "['background','kidney','tumour']"`` on phantoms with the tumour as label 2: every method takes
     a step (two of them with validation on three classes), and the checkpoint is a three-channel network that
     loads into inference.json's ``network_def`` with the same classes."""
-    validate = method in ("cpcl", "supervised")
-    wf = _workflow(
-        "train",
-        TRAIN,
-        dataset_dir=str(tiny_three_class_dataset),
-        output_dir=str(tmp_path),
-        ckpt_dir=str(tmp_path / "models"),
-        method=method,
-        classes=THREE_CLASSES,
-        labeled_ratio=0.34,
-        iterations_per_epoch=1,
-        max_iterations=1,
-        val_interval=1 if validate else 2,  # validation (the same code for every method) for two of them
-        map_interval=1,
-        **TINY,
+    validate = method in ("cpcl", "supervised")  # validation (the same code for every method) for two of them
+    trainer, evaluator = _one_step(
+        tiny_three_class_dataset, tmp_path, method, classes=THREE_CLASSES, val_interval=1 if validate else 2
     )
-    wf.initialize()
-    wf.run()
-    trainer = wf.parser.get_parsed_content("train#trainer")
-    assert trainer.state.iteration == 1 and trainer.method.name == method
     assert math.isfinite(trainer.state.metrics["train_mean_dice"])
     if validate:
-        evaluator = wf.parser.get_parsed_content("validate#evaluator")
         assert math.isfinite(evaluator.state.metrics["val_mean_dice"])  # Dice over the two foreground classes
-    wf.finalize()
-    parser = ConfigParser()
-    parser.read_config(INFER)
-    parser["classes"] = THREE_CLASSES
-    network = parser.get_parsed_content("network_def")
-    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
-    network.load_state_dict(state, strict=True)
+    network = _checkpoint_network(tmp_path, classes=THREE_CLASSES)
     assert network(torch.zeros(1, 1, 32, 32, 32)).shape[1] == 3
