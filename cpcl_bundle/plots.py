@@ -173,7 +173,12 @@ def overlays(
     """Prediction (red) against the reference (green) on the axial slice with the most reference foreground,
     for ``num_cases`` evaluated cases (the lowest, the median and the highest Dice of the first run) and the
     given ``runs`` (default: every finished run), from the predictions evaluation saved. The slice is shown in
-    ``hu_window`` (CT), or between its 1st and 99th percentiles when that is None (MRI)."""
+    ``hu_window`` (CT), or between its 1st and 99th percentiles when that is None (MRI).
+
+    Multi-class runs (whose ``metrics.csv`` has per-class columns ``dice_<class>``, in label order) get one
+    panel per run and foreground class: label ``k`` alone, on the slice with the most reference voxels of
+    class ``k`` (of the prediction's where the reference has none), so a small class such as a tumour is seen
+    on its own slice rather than on the organ's."""
     import nibabel as nib
 
     root = Path(output_dir)
@@ -183,38 +188,48 @@ def overlays(
     files = _case_files(dataset_dir)
     first = root / "runs" / names[0] / "test" / "metrics.csv"
     with open(first, newline="") as f:
-        scored = sorted((float(r["dice"]), r["case"]) for r in csv.DictReader(f) if r["case"] in files)
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        per_class = [c[len("dice_") :] for c in reader.fieldnames or [] if c.startswith("dice_")]
+    scored = sorted((float(r["dice"]), r["case"]) for r in rows if r["case"] in files)
     if not scored:
         raise FileNotFoundError(f"no test case of {dataset_dir} in {first}")
     index = sorted({round(i) for i in np.linspace(0, len(scored) - 1, min(num_cases, len(scored)))})
     cases = [scored[i][1] for i in index]
+    # (label value, title suffix): the foreground as one for a binary run, each class for a multi-class one
+    classes = [(k, f": {name}") for k, name in enumerate(per_class, start=1)] or [(None, "")]
+    panels = [(name, value, suffix) for name in names for value, suffix in classes]
     plt = _pyplot()
     shape = nib.load(files[cases[0]][0]).shape
     aspect = shape[1] / shape[0]  # height / width of a displayed axial slice
     fig, axes = plt.subplots(
-        len(cases), len(names), figsize=(3.2 * len(names), 3.2 * aspect * len(cases) + 0.6), squeeze=False
+        len(cases), len(panels), figsize=(3.2 * len(panels), 3.2 * aspect * len(cases) + 0.6), squeeze=False
     )
     for row, case in enumerate(cases):
         image_file, label_file = files[case]
         image = np.asarray(nib.load(image_file).dataobj, dtype=np.float32)
-        label = np.asarray(nib.load(label_file).dataobj) > 0 if label_file else np.zeros(image.shape, bool)
-        z = int(label.sum((0, 1)).argmax())
-        low, high = hu_window if hu_window is not None else np.percentile(image[:, :, z], (1, 99))
-        shown = np.clip((image[:, :, z] - low) / max(float(high - low), 1e-6), 0, 1)
-        for col, name in enumerate(names):
-            ax = axes[row, col]
-            ax.imshow(_display(shown), cmap="gray")
+        label = np.asarray(nib.load(label_file).dataobj) if label_file else np.zeros(image.shape, np.uint8)
+        preds = {}
+        for name in names:
             pred_file = root / "runs" / name / "test" / "predictions" / f"{case}_seg.nii.gz"
-            if label.any():
-                ax.contour(_display(label[:, :, z]), [0.5], colors="lime", linewidths=0.8)
-            if pred_file.is_file():
-                pred = np.asarray(nib.load(pred_file).dataobj) > 0
-                if pred[:, :, z].any():
-                    ax.contour(_display(pred[:, :, z]), [0.5], colors="red", linewidths=0.8)
+            preds[name] = np.asarray(nib.load(pred_file).dataobj) if pred_file.is_file() else None
+        for col, (name, value, suffix) in enumerate(panels):
+            reference = label > 0 if value is None else label == value
+            pred = preds[name]
+            pred = None if pred is None else (pred > 0 if value is None else pred == value)
+            shown_on = reference if reference.any() or pred is None else pred
+            z = int(shown_on.sum((0, 1)).argmax())
+            low, high = hu_window if hu_window is not None else np.percentile(image[:, :, z], (1, 99))
+            ax = axes[row, col]
+            ax.imshow(_display(np.clip((image[:, :, z] - low) / max(float(high - low), 1e-6), 0, 1)), cmap="gray")
+            if reference[:, :, z].any():
+                ax.contour(_display(reference[:, :, z]), [0.5], colors="lime", linewidths=0.8)
+            if pred is not None and pred[:, :, z].any():
+                ax.contour(_display(pred[:, :, z]), [0.5], colors="red", linewidths=0.8)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
-                ax.set_title(name, fontsize=8)
+                ax.set_title(name + suffix, fontsize=8)
             if col == 0:
                 ax.set_ylabel(case, fontsize=8)
     fig.suptitle("evaluated cases: reference (green) and prediction (red)", fontsize=10)

@@ -29,6 +29,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from cpcl_bundle import BUNDLE_NAME
+from cpcl_bundle.metadata import describe_classes
 
 pytestmark = [pytest.mark.monailabel, pytest.mark.slow]
 
@@ -81,7 +82,10 @@ def _request(url: str, data: bytes | None = None, headers: dict | None = None, t
         return r.status, r.read()
 
 
-def _copy_bundle(target: Path) -> Path:
+def _copy_bundle(target: Path, classes: list[str] | None = None) -> Path:
+    """The bundle as a user copies it into ``<app>/model/<name>``; with ``classes``, configured for them as
+    ``scripts/package.py --classes`` releases it (``classes`` in train.json and inference.json, the output channels
+    in metadata.json, where MONAI Label reads its label names)."""
     target.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pt", "*.ts", "*.onnx")
     for name in BUNDLE_ITEMS:
@@ -92,6 +96,13 @@ def _copy_bundle(target: Path) -> Path:
             shutil.copytree(src, target / name, ignore=ignore)
         elif src.is_file():
             shutil.copy2(src, target / name)
+    if classes is not None:
+        for rel in ("configs/train.json", "configs/inference.json"):
+            config = json.loads((target / rel).read_text())
+            config["classes"] = list(classes)
+            (target / rel).write_text(json.dumps(config, indent=4))
+        meta = describe_classes(json.loads((target / "configs" / "metadata.json").read_text()), classes)
+        (target / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4))
     (target / "models").mkdir(exist_ok=True)
     # MONAI Label hides a bundle without models/model.pt; random weights suffice for geometry checks
     parser = ConfigParser()
@@ -101,17 +112,31 @@ def _copy_bundle(target: Path) -> Path:
     return target
 
 
-@pytest.fixture(scope="module")
-def studies(tmp_path_factory):
-    """NUM_IMAGES phantoms as ``<studies>/<id>.nii.gz``; the first NUM_LABELED have ``labels/final/<id>.nii.gz``."""
+#: the shipped binary bundle, and kidney + tumour (phantoms with ``tumour_label``: the tumour is label 2)
+CLASSES = {"binary": None, "kidney_tumour": ["background", "kidney", "tumour"]}
+
+
+@pytest.fixture(scope="module", params=list(CLASSES))
+def studies(request, tmp_path_factory):
+    """NUM_IMAGES phantoms as ``<studies>/<id>.nii.gz``; the first NUM_LABELED have ``labels/final/<id>.nii.gz``;
+    with the classes of the bundle they are served by (None: the shipped ones)."""
     from cpcl_bundle.synthetic import generate_dataset
 
     _label_python()  # skip before generating anything
+    classes = CLASSES[request.param]
     generated = tmp_path_factory.mktemp("phantoms")
+    options = {"tumour_label": True} if classes else {}
     datalist = json.loads(
         Path(
             generate_dataset(
-                generated, num_training=NUM_IMAGES, num_validation=0, num_test=0, seed=1, workers=1, scale=0.5
+                generated,
+                num_training=NUM_IMAGES,
+                num_validation=0,
+                num_test=0,
+                seed=1,
+                workers=1,
+                scale=0.5,
+                **options,
             )
         ).read_text()
     )
@@ -124,7 +149,14 @@ def studies(tmp_path_factory):
         if i < NUM_LABELED:
             shutil.copy(generated / item["label"], folder / "labels" / "final" / f"{case}.nii.gz")
         ids.append(case)
-    return folder, ids[:NUM_LABELED], ids[NUM_LABELED:]
+    if classes:  # the annotations hold every class, or training on them tests less than it claims
+        values = {
+            int(v)
+            for case in ids[:NUM_LABELED]
+            for v in np.unique(nib.load(folder / "labels" / "final" / f"{case}.nii.gz").dataobj)
+        }
+        assert values == set(range(len(classes))), values
+    return folder, ids[:NUM_LABELED], ids[NUM_LABELED:], classes
 
 
 class Server:
@@ -214,21 +246,26 @@ def _infer(server: Server, image_id: str, out: Path) -> Path:
     return out
 
 
-def _check_label(label_file: Path, image_file: Path) -> np.ndarray:
+def _check_label(label_file: Path, image_file: Path, num_classes: int) -> np.ndarray:
     image, label = nib.load(str(image_file)), nib.load(str(label_file))
     assert label.shape == image.shape, (label.shape, image.shape)
     np.testing.assert_allclose(label.affine, image.affine, atol=1e-4)
     values = np.unique(np.asarray(label.dataobj))
-    assert set(values.tolist()) <= {0, 1}, values
+    assert set(values.tolist()) <= set(range(num_classes)), values
     return values
 
 
 def test_monailabel_serves_infers_and_trains_the_bundle(studies, tmp_path):
     _label_python()
-    studies_dir, labeled, unlabeled = studies
+    studies_dir, labeled, unlabeled, classes = studies
     app = tmp_path / "app"
     shutil.copytree(_sample_app(), app, ignore=shutil.ignore_patterns("__pycache__"))
-    bundle = _copy_bundle(app / "model" / BUNDLE_NAME)
+    bundle = _copy_bundle(app / "model" / BUNDLE_NAME, classes)
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    names = parser["classes"]
+    assert classes is None or names == classes
+    assert parser.get_parsed_content("out_channels") == len(names)
     model_pt = bundle / "models" / "model.pt"
     initial = (_sha256(model_pt), model_pt.stat().st_mtime_ns)
     times = {}
@@ -237,19 +274,19 @@ def test_monailabel_serves_infers_and_trains_the_bundle(studies, tmp_path):
     server = Server(app, studies_dir, tmp_path / "server.log")
     ok = False
     try:
-        # --- the model is listed, as segmentation, with the kidney label
+        # --- the model is listed, as segmentation, with the label names of its classes
         info = server.wait_ready(START_TIMEOUT)
         times["server start"] = time.monotonic() - t0
         model = info["models"][BUNDLE_NAME]
         assert model["type"] == "segmentation", model
-        assert "kidney" in model["labels"], model["labels"]
+        assert set(names[1:]) <= set(model["labels"]), (names, model["labels"])
         assert BUNDLE_NAME in info["trainers"], sorted(info["trainers"])
 
         # --- inference on an unannotated study: a label of the input's grid, values in {0, 1}
         t = time.monotonic()
         label_file = _infer(server, unlabeled[0], tmp_path / "infer_1.nii.gz")
         times["infer"] = time.monotonic() - t
-        _check_label(label_file, studies_dir / f"{unlabeled[0]}.nii.gz")
+        _check_label(label_file, studies_dir / f"{unlabeled[0]}.nii.gz", len(names))
 
         # --- one epoch of CPCL training: labeled = annotated studies, unlabeled stream = the other studies
         request = {"max_epochs": 1, "device": "cpu", "val_split": 0, "multi_gpu": False, "tracking": "None"}
@@ -272,6 +309,8 @@ def test_monailabel_serves_infers_and_trains_the_bundle(studies, tmp_path):
         assert "Engine run finished" in log or "Epoch[1] Complete" in log
         after = (_sha256(model_pt), model_pt.stat().st_mtime_ns)
         assert after[0] != initial[0] and after[1] != initial[1], "training did not rewrite models/model.pt"
+        # the trained weights are those of a network with one output channel per class
+        parser.get_parsed_content("network_def").load_state_dict(torch.load(model_pt, map_location="cpu"))
 
         # the labeled stream is exactly the annotated studies (MONAI Label's train#dataset#data override) ...
         override = _logged_override(log, "train#dataset#data")
@@ -286,7 +325,8 @@ def test_monailabel_serves_infers_and_trains_the_bundle(studies, tmp_path):
 
         # --- the new weights are picked up by inference and load without key mismatches
         t = time.monotonic()
-        _check_label(_infer(server, unlabeled[0], tmp_path / "infer_2.nii.gz"), studies_dir / f"{unlabeled[0]}.nii.gz")
+        infer_2 = _infer(server, unlabeled[0], tmp_path / "infer_2.nii.gz")
+        _check_label(infer_2, studies_dir / f"{unlabeled[0]}.nii.gz", len(names))
         times["infer after training"] = time.monotonic() - t
         log = server.text()
         assert "Reload model from cache" in log

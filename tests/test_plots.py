@@ -91,3 +91,46 @@ def test_overlays_read_test_cases_and_predictions(tmp_path):
     width, height = _png(plots.overlays(bench, data, tmp_path / "overlays.png", num_cases=3))
     one = _png(plots.overlays(bench, data, tmp_path / "one.png", runs=["cpcl_10pct_seed0"], num_cases=1))
     assert width > 1.3 * one[0] and height > 2 * one[1]
+
+
+def test_overlays_of_a_multiclass_run_show_each_class_on_its_own_slice(tmp_path, monkeypatch):
+    """One panel per run and foreground class; class k's panel draws label k alone, on the slice with the most
+    reference voxels of k (the tumour's slice is not the kidney's)."""
+    import matplotlib.axes
+
+    data = tmp_path / "data"
+    (data / "imagesTs").mkdir(parents=True)
+    (data / "labelsTs").mkdir()
+    label = np.zeros((24, 20, 8), np.uint8)
+    label[4:16, 4:14, 1:5] = 1  # kidney: slices 1-4
+    label[6:10, 6:10, 6] = 2  # tumour: slice 6 only
+    pred = np.roll(label, 1, axis=0)
+    image = np.random.default_rng(0).normal(40, 20, label.shape).astype(np.int16)
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(data / "imagesTs" / "case_0.nii.gz"))
+    nib.save(nib.Nifti1Image(label, np.eye(4)), str(data / "labelsTs" / "case_0.nii.gz"))
+    test = [{"image": "imagesTs/case_0.nii.gz", "label": "labelsTs/case_0.nii.gz"}]
+    (data / "dataset.json").write_text(json.dumps({"training": [], "test": test}))
+    bench = tmp_path / "bench"
+    folder = bench / "runs" / "cpcl_10pct_seed0" / "test"
+    (folder / "predictions").mkdir(parents=True)
+    (bench / "runs" / "cpcl_10pct_seed0" / "run.json").write_text("{}")
+    (folder / "metrics.csv").write_text("case,dice,dice_kidney,dice_tumour\ncase_0,0.8,0.9,0.7\n")
+    nib.save(nib.Nifti1Image(pred, np.eye(4)), str(folder / "predictions" / "case_0_seg.nii.gz"))
+    drawn = []
+    contour = matplotlib.axes.Axes.contour
+
+    def record(ax, plane, *args, colors=None, **kwargs):
+        drawn.append((colors, np.asarray(plane).copy()))
+        return contour(ax, plane, *args, colors=colors, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "contour", record)
+    two = _png(plots.overlays(bench, data, tmp_path / "classes.png", num_cases=1))
+    (c1, ref1), (c2, pred1), (c3, ref2), (c4, pred2) = drawn  # the kidney's panel, then the tumour's
+    assert (c1, c2, c3, c4) == ("lime", "red", "lime", "red")
+    np.testing.assert_array_equal(ref1, plots._display(label[:, :, 1] == 1))  # kidney: its first fullest slice
+    np.testing.assert_array_equal(pred1, plots._display(pred[:, :, 1] == 1))
+    np.testing.assert_array_equal(ref2, plots._display(label[:, :, 6] == 2))  # tumour: slice 6, label 2 alone
+    np.testing.assert_array_equal(pred2, plots._display(pred[:, :, 6] == 2))
+    (folder / "metrics.csv").write_text("case,dice\ncase_0,0.8\n")  # the same run read as binary: one panel
+    one = _png(plots.overlays(bench, data, tmp_path / "binary.png", num_cases=1))
+    assert two[0] > 1.25 * one[0]  # the title's width sets the floor
