@@ -76,12 +76,15 @@ def write_dicom_series(
 
 
 class IntensityNet(torch.nn.Module):
-    """Logits that label a voxel foreground where the (windowed, 0..1) intensity exceeds 0.5: a known, non-constant
-    segmentation without training, for tests of geometry and writers. Accepts ``network_def``'s arguments."""
+    """Logits that label a voxel with the class ``k`` whose centre ``k / (out_channels - 1)`` is nearest to its
+    (windowed, 0..1) intensity: with two classes, foreground where the intensity exceeds 0.5; with three, class 2
+    above 0.75 and class 1 between 0.25 and 0.75. A known, non-constant segmentation without training, for tests
+    of geometry and writers. Accepts ``network_def``'s arguments."""
 
     def __init__(self, in_channels: int = 1, out_channels: int = 2, **_: object) -> None:
         super().__init__()
         self.gain = torch.nn.Parameter(torch.ones(()))
+        self.register_buffer("centres", torch.linspace(0.0, 1.0, out_channels).view(1, -1, 1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([0.5 - x[:, :1], x[:, :1] - 0.5], dim=1) * self.gain
+        return -((x[:, :1] - self.centres) ** 2) * self.gain

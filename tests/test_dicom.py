@@ -157,6 +157,53 @@ def test_a_dicom_series_in_gives_the_label_in_the_series_geometry(tmp_path, phan
     assert mask.sum() == label.sum()
 
 
+def test_three_classes_are_written_as_class_indices_and_segments(tmp_path, phantom_ct):
+    """inference.json with ``classes`` background, kidney, tumour writes the class indices (0, 1, 2, not a
+    foreground mask), in the input's geometry, for a NIfTI file and a DICOM series; the DICOM SEG has one segment
+    per foreground class, named after it, each holding exactly its class's voxels."""
+    image, affine = phantom_ct
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    nib.save(nib.Nifti1Image(image.astype(np.float32), affine), inputs / "ct_nifti.nii.gz")
+    series = write_dicom_series(image, affine, inputs / "ct_series")
+    out = tmp_path / "out"
+    workflow = ConfigWorkflow(
+        workflow_type="infer",
+        config_file=str(CONFIGS / "inference.json"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        bundle_root=str(ROOT),
+        dataset_dir=str(inputs),
+        output_dir=str(out),
+        classes=["background", "kidney", "tumour"],
+        network_def={"_target_": "tests.helpers.IntensityNet", "out_channels": "@out_channels"},
+        load_pretrain=False,
+        sw_roi_size=[32, 32, 32],
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    for name in ("ct_nifti", "ct_series"):
+        written = nib.load(out / f"{name}_seg.nii.gz")
+        assert written.shape == image.shape and np.allclose(written.affine, affine, atol=1e-3)
+        label = np.asarray(written.dataobj)
+        assert set(np.unique(label).tolist()) == {0, 1, 2}
+        # the network labels by intensity band (tests.helpers.IntensityNet): the classes keep their order
+        means = [float(image[label == k].mean()) for k in range(3)]
+        assert means[0] < means[1] < means[2], means
+    if not HAS_HIGHDICOM:
+        return
+    import highdicom as hd
+
+    seg = hd.seg.segread(out / "ct_series_seg.dcm")
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["kidney", "tumour"]
+    sources = [pydicom.dcmread(p) for p in series]
+    sop_uids = [ds.SOPInstanceUID for ds in sources]
+    for number in (1, 2):
+        mask = seg.get_pixels_by_source_instance(source_sop_instance_uids=sop_uids, segment_numbers=[number])[..., 0]
+        assert np.array_equal(mask, label_frames(label == number, written.affine, sources)), number
+
+
 @pytest.mark.slow
 def test_a_folder_with_two_series_ends_the_cli_in_one_line(tmp_path, phantom_ct):
     image, affine = phantom_ct
