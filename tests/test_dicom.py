@@ -103,6 +103,28 @@ def test_label_frames_follow_each_instance_position_not_the_file_order(tmp_path,
 
 
 @pytest.mark.slow
+def _infer(inputs: Path, out: Path, **overrides) -> Path:
+    """configs/inference.json on ``inputs`` into ``out`` with the intensity-band network of tests.helpers (one
+    output channel per class of ``classes``), no weights to load and a 32^3 window."""
+    workflow = ConfigWorkflow(
+        workflow_type="infer",
+        config_file=str(CONFIGS / "inference.json"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        bundle_root=str(ROOT),
+        dataset_dir=str(inputs),
+        output_dir=str(out),
+        network_def={"_target_": "tests.helpers.IntensityNet", "out_channels": "@out_channels"},
+        load_pretrain=False,
+        sw_roi_size=[32, 32, 32],
+        **overrides,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    return out
+
+
 def test_a_dicom_series_in_gives_the_label_in_the_series_geometry(tmp_path, phantom_ct):
     """The same CT as a NIfTI file and as a DICOM series (oblique, anisotropic, shuffled files) through
     configs/inference.json: the series' label has the series' shape and geometry and overlaps the label of the NIfTI
@@ -113,22 +135,7 @@ def test_a_dicom_series_in_gives_the_label_in_the_series_geometry(tmp_path, phan
     inputs.mkdir()
     nib.save(nib.Nifti1Image(image.astype(np.float32), affine), inputs / "ct_nifti.nii.gz")
     series = write_dicom_series(image, affine, inputs / "ct_series")
-    out = tmp_path / "out"
-    workflow = ConfigWorkflow(
-        workflow_type="infer",
-        config_file=str(CONFIGS / "inference.json"),
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=str(CONFIGS / "logging.conf"),
-        bundle_root=str(ROOT),
-        dataset_dir=str(inputs),
-        output_dir=str(out),
-        network_def={"_target_": "tests.helpers.IntensityNet"},
-        load_pretrain=False,
-        sw_roi_size=[32, 32, 32],
-    )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
+    out = _infer(inputs, tmp_path / "out")
     from_nifti, from_dicom = nib.load(out / "ct_nifti_seg.nii.gz"), nib.load(out / "ct_series_seg.nii.gz")
     assert from_dicom.shape == image.shape
     assert np.allclose(from_dicom.affine, affine, atol=1e-3), (from_dicom.affine, affine)
@@ -166,23 +173,7 @@ def test_three_classes_are_written_as_class_indices_and_segments(tmp_path, phant
     inputs.mkdir()
     nib.save(nib.Nifti1Image(image.astype(np.float32), affine), inputs / "ct_nifti.nii.gz")
     series = write_dicom_series(image, affine, inputs / "ct_series")
-    out = tmp_path / "out"
-    workflow = ConfigWorkflow(
-        workflow_type="infer",
-        config_file=str(CONFIGS / "inference.json"),
-        meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=str(CONFIGS / "logging.conf"),
-        bundle_root=str(ROOT),
-        dataset_dir=str(inputs),
-        output_dir=str(out),
-        classes=["background", "kidney", "tumour"],
-        network_def={"_target_": "tests.helpers.IntensityNet", "out_channels": "@out_channels"},
-        load_pretrain=False,
-        sw_roi_size=[32, 32, 32],
-    )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
+    out = _infer(inputs, tmp_path / "out", classes=["background", "kidney", "tumour"])
     for name in ("ct_nifti", "ct_series"):
         written = nib.load(out / f"{name}_seg.nii.gz")
         assert written.shape == image.shape and np.allclose(written.affine, affine, atol=1e-3)

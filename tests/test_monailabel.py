@@ -282,7 +282,7 @@ def test_monailabel_serves_infers_and_trains_the_bundle(studies, tmp_path):
         assert set(names[1:]) <= set(model["labels"]), (names, model["labels"])
         assert BUNDLE_NAME in info["trainers"], sorted(info["trainers"])
 
-        # --- inference on an unannotated study: a label of the input's grid, values in {0, 1}
+        # --- inference on an unannotated study: a label of the input's grid, values among the class indices
         t = time.monotonic()
         label_file = _infer(server, unlabeled[0], tmp_path / "infer_1.nii.gz")
         times["infer"] = time.monotonic() - t
