@@ -18,7 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["classes_of", "describe_classes", "described_classes"]
+__all__ = ["CLASS_CONFIGS", "classes_of", "describe_classes", "described_classes", "with_classes"]
+
+#: The configs whose top-level ``classes`` a model with other classes sets (besides metadata.json's description).
+CLASS_CONFIGS = ("configs/inference.json", "configs/train.json")
 
 
 def classes_of(config_file: str | os.PathLike) -> list[str]:
@@ -52,3 +55,14 @@ def describe_classes(meta: dict[str, Any], classes: Sequence[str]) -> dict[str, 
     out["label_classes"] = listing
     out["pred_classes"] = f"{len(classes)} channels: {listing}"
     return out
+
+
+def with_classes(rel: str, content: dict[str, Any], classes: Sequence[str]) -> dict[str, Any]:
+    """``content`` of the bundle file ``rel`` for a model with ``classes``: ``configs/metadata.json`` describes them
+    (:func:`describe_classes`), the :data:`CLASS_CONFIGS` carry them as ``classes``, every other file is returned
+    as it is. Raises ValueError for classes that are not background first and at least one more."""
+    if rel == "configs/metadata.json":
+        return describe_classes(content, classes)
+    if rel in CLASS_CONFIGS and "classes" in content:
+        return {**content, "classes": [str(c) for c in classes]}
+    return content

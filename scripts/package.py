@@ -289,26 +289,18 @@ def write_zip(zip_path: str | os.PathLike, top_folder: str, files: list[tuple[st
     return _file_digest(zip_path, "sha1")
 
 
-#: The configs whose top-level ``classes`` a release for another set of classes sets.
-CLASS_CONFIGS = ("configs/inference.json", "configs/train.json")
-
-
 def _with_classes(rel: str, src: Path | bytes, classes: list[str]) -> Path | bytes:
-    """The release's bytes of ``rel`` for a model with ``classes``: metadata.json describes them
-    (:func:`cpcl_bundle.metadata.describe_classes`), inference.json and train.json carry them as ``classes``;
-    every other file as it is."""
-    from cpcl_bundle.metadata import describe_classes
+    """The release's bytes of ``rel`` for a model with ``classes`` (:func:`cpcl_bundle.metadata.with_classes`:
+    metadata.json describes them, inference.json and train.json carry them); every other file as it is."""
+    from cpcl_bundle.metadata import CLASS_CONFIGS, with_classes
 
     if rel != "configs/metadata.json" and rel not in CLASS_CONFIGS:
         return src
     content = json.loads(src if isinstance(src, bytes) else src.read_text(encoding="utf-8"))
-    if rel == "configs/metadata.json":
-        try:
-            content = describe_classes(content, classes)
-        except ValueError as e:
-            raise PackagingError(f"--classes: {e}") from e
-    elif "classes" in content:
-        content["classes"] = list(classes)
+    try:
+        content = with_classes(rel, content, classes)
+    except ValueError as e:
+        raise PackagingError(f"--classes: {e}") from e
     return (json.dumps(content, indent=4, ensure_ascii=False) + "\n").encode("utf-8")
 
 

@@ -102,7 +102,6 @@ def test_label_frames_follow_each_instance_position_not_the_file_order(tmp_path,
         label_frames(label, flipped, sources)
 
 
-@pytest.mark.slow
 def _infer(inputs: Path, out: Path, **overrides) -> Path:
     """configs/inference.json on ``inputs`` into ``out`` with the intensity-band network of tests.helpers (one
     output channel per class of ``classes``), no weights to load and a 32^3 window."""
@@ -125,6 +124,7 @@ def _infer(inputs: Path, out: Path, **overrides) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_a_dicom_series_in_gives_the_label_in_the_series_geometry(tmp_path, phantom_ct):
     """The same CT as a NIfTI file and as a DICOM series (oblique, anisotropic, shuffled files) through
     configs/inference.json: the series' label has the series' shape and geometry and overlaps the label of the NIfTI
@@ -164,6 +164,7 @@ def test_a_dicom_series_in_gives_the_label_in_the_series_geometry(tmp_path, phan
     assert mask.sum() == label.sum()
 
 
+@pytest.mark.slow
 def test_three_classes_are_written_as_class_indices_and_segments(tmp_path, phantom_ct):
     """inference.json with ``classes`` background, kidney, tumour writes the class indices (0, 1, 2, not a
     foreground mask), in the input's geometry, for a NIfTI file and a DICOM series; the DICOM SEG has one segment

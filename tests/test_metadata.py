@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cpcl_bundle.metadata import classes_of, describe_classes, described_classes
+from cpcl_bundle.metadata import CLASS_CONFIGS, classes_of, describe_classes, described_classes, with_classes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 META = json.loads((CONFIGS / "metadata.json").read_text())
@@ -40,3 +40,22 @@ def test_a_config_without_literal_classes_is_refused(tmp_path):
     path.write_text(json.dumps({"classes": "$@other"}))
     with pytest.raises(ValueError, match="'classes' must be a list"):
         classes_of(path)
+
+
+def test_with_classes_sets_the_configs_and_describes_the_metadata():
+    """A bundle's files for a model with other classes: the configs that carry ``classes`` get the new list, the
+    metadata describes it, every other file (and a config without ``classes``) is returned unchanged."""
+    three = ["background", "kidney", "tumour"]
+    for rel in CLASS_CONFIGS:
+        config = json.loads((CONFIGS / Path(rel).name).read_text())
+        out = with_classes(rel, config, three)
+        assert out["classes"] == three and {k: v for k, v in out.items() if k != "classes"} == {
+            k: v for k, v in config.items() if k != "classes"
+        }
+        assert config["classes"] == ["background", "kidney"]  # the input is not modified
+    assert described_classes(with_classes("configs/metadata.json", META, three)) == three
+    evaluate = json.loads((CONFIGS / "evaluate.json").read_text())
+    assert with_classes("configs/evaluate.json", evaluate, three) is evaluate
+    assert with_classes("configs/train.json", {"max_iterations": 2}, three) == {"max_iterations": 2}
+    with pytest.raises(ValueError, match="background"):
+        with_classes("configs/metadata.json", META, ["kidney", "tumour"])

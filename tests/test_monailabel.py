@@ -29,7 +29,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from cpcl_bundle import BUNDLE_NAME
-from cpcl_bundle.metadata import describe_classes
+from cpcl_bundle.metadata import CLASS_CONFIGS, with_classes
 
 pytestmark = [pytest.mark.monailabel, pytest.mark.slow]
 
@@ -97,12 +97,9 @@ def _copy_bundle(target: Path, classes: list[str] | None = None) -> Path:
         elif src.is_file():
             shutil.copy2(src, target / name)
     if classes is not None:
-        for rel in ("configs/train.json", "configs/inference.json"):
+        for rel in ("configs/metadata.json", *CLASS_CONFIGS):
             config = json.loads((target / rel).read_text())
-            config["classes"] = list(classes)
-            (target / rel).write_text(json.dumps(config, indent=4))
-        meta = describe_classes(json.loads((target / "configs" / "metadata.json").read_text()), classes)
-        (target / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4))
+            (target / rel).write_text(json.dumps(with_classes(rel, config, classes), indent=4))
     (target / "models").mkdir(exist_ok=True)
     # MONAI Label hides a bundle without models/model.pt; random weights suffice for geometry checks
     parser = ConfigParser()

@@ -23,6 +23,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from cpcl_bundle import BUNDLE_NAME, __version__
+from cpcl_bundle.metadata import CLASS_CONFIGS
 from cpcl_bundle.synthetic import generate_case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -418,7 +419,7 @@ def test_a_model_with_other_classes_is_released_with_them(bundle, tmp_path):
     parser["classes"] = THREE
     weights = tmp_path / "model3.pt"
     torch.save(parser.get_parsed_content("network_def").state_dict(), weights)
-    sources = {rel: (bundle / rel).read_bytes() for rel in ("configs/metadata.json", *pkg.CLASS_CONFIGS)}
+    sources = {rel: (bundle / rel).read_bytes() for rel in ("configs/metadata.json", *CLASS_CONFIGS)}
     with pytest.raises(pkg.PackagingError, match="pass them with --classes"):
         pkg.build(bundle, out_dir=tmp_path / "refused", model=weights)
     release = pkg.build(bundle, out_dir=tmp_path / "dist", model=weights, classes=THREE)
@@ -430,7 +431,7 @@ def test_a_model_with_other_classes_is_released_with_them(bundle, tmp_path):
     pred = meta["network_data_format"]["outputs"]["pred"]
     assert pred["num_channels"] == 3 and pred["channel_def"] == {"0": "background", "1": "kidney", "2": "tumour"}
     assert meta["label_classes"] == "0 background, 1 kidney, 2 tumour"
-    for rel in pkg.CLASS_CONFIGS:
+    for rel in CLASS_CONFIGS:
         text = (root / rel).read_text()
         assert json.loads(text)["classes"] == THREE and text.startswith("{\n    ")
     meta_file, config_file = str(root / "configs" / "metadata.json"), str(root / "configs" / "inference.json")
