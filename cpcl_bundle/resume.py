@@ -177,7 +177,7 @@ def latest_checkpoint(save_dir: str | os.PathLike) -> Path | None:
 class ResumeCheckpoint:
     """Saves the whole training state every ``interval`` iterations and, with ``resume``, restores the latest.
 
-    Saved: the trainer's network (``model``), its teacher, the state of its loss terms that have one
+    Saved: the trainer's network (``model``), its teacher, its ``GradScaler`` (fp16 only), the state of its loss terms that have one
     (``term_<name>``), the engine state (``trainer``) and ``objects``
     (optimizer, LR scheduler, :class:`TrainingRNG`, ...). Files: ``<save_dir>/resume_checkpoint_<iteration>.pt``,
     the last ``n_saved`` kept; written atomically. A handler, not config wiring, because the trainer it saves
@@ -210,6 +210,8 @@ class ResumeCheckpoint:
         to_save = {"model": engine.network, "trainer": engine, **self.objects}
         if getattr(engine, "teacher", None) is not None:
             to_save["teacher"] = engine.teacher
+        if getattr(engine, "scaler", None) is not None:  # fp16 mixed precision: the loss scale and its counters
+            to_save["scaler"] = engine.scaler
         for term in getattr(engine, "terms", ()):  # terms with modules or optimisers of their own (DAN)
             if term.has_state:
                 to_save[f"term_{term.name}"] = term

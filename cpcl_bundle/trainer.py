@@ -16,7 +16,6 @@ LR schedule (poly, power 0.9, per step) is MONAI's ``LrScheduleHandler`` with ``
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -24,7 +23,7 @@ import torch
 from ignite.engine import Engine, EventEnum, Events
 from ignite.handlers import EMAHandler
 from ignite.metrics import Metric
-from monai.engines import Trainer
+from monai.engines import Trainer, Workflow
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
 from monai.handlers import LrScheduleHandler
 from monai.inferers import Inferer, SimpleInferer
@@ -36,6 +35,7 @@ from cpcl_bundle.guard import NonFiniteGuard
 from cpcl_bundle.losses import PAPER_W_MAX, consistency_weight
 from cpcl_bundle.methods import TRAINER_OPTIONS, Method, get_method
 from cpcl_bundle.networks import FeatureTap
+from cpcl_bundle.precision import amp_dtype, autocast, describe, grad_scaler
 from cpcl_bundle.terms import Step
 
 __all__ = [
@@ -136,6 +136,9 @@ class CPCLTrainer(Trainer):
         rampup: ``"gaussian"`` (Eq. 11), ``"sigmoid"`` (MT code bases) or ``"constant"``.
         rampup_length: ``t_max`` in steps (in units of ``rampup_step_size``); default the whole run.
         rampup_step_size: evaluate the ramp-up on ``t // rampup_step_size`` (UA-MT uses 150).
+        amp: mixed precision (:mod:`cpcl_bundle.precision`): the networks' forward passes under autocast in bf16 on
+            a GPU or CPU that has it (fp16 with a ``GradScaler`` on an older GPU; fp32 on a CPU without bf16), the
+            prototypes and every loss in fp32. ``amp_kwargs["dtype"]`` picks the dtype instead.
         stability: add the mean-teacher term to the method.
         max_iterations: stop after this many iterations even if ``max_epochs`` allows more (the run is
             ``min(max_iterations, max_epochs * epoch_length)`` steps; ramp-up and LR follow that length).
@@ -204,6 +207,9 @@ class CPCLTrainer(Trainer):
             amp_kwargs=amp_kwargs,
         )
         self.network, self.optimizer, self.loss_function = network, optimizer, loss_function
+        self.amp_dtype = amp_dtype(self.state.device, amp, amp_kwargs)
+        self.scaler = grad_scaler(self.state.device, self.amp_dtype)
+        self.logger.info(f"precision of the forward passes: {describe(self.amp_dtype)}")
         self.inferer = SimpleInferer() if inferer is None else inferer
         self.optim_set_to_none = optim_set_to_none
         self.method = get_method(method, stability=stability)
@@ -254,10 +260,15 @@ class CPCLTrainer(Trainer):
         batch = self.prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs)
         return (batch[0], batch[1], (), {}) if len(batch) == 2 else (batch[0], batch[1], batch[2], batch[3])
 
-    def _autocast(self):
-        if self.amp and self.scaler is not None:
-            return torch.autocast("cuda", **self.amp_kwargs)
-        return contextlib.nullcontext()
+    def run(self) -> None:
+        """Run the training (Ignite's ``Engine.run`` through MONAI's ``Workflow``), keeping the scaler of
+        :attr:`amp_dtype` (MONAI's ``Trainer.run`` would replace it with a CUDA float16 one whenever ``amp`` is on)."""
+        Workflow.run(self)
+
+    def run_network(self, network: torch.nn.Module, inputs: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``network``'s logits through the inferer, under autocast in :attr:`amp_dtype` (its tapped features too)."""
+        with autocast(self.state.device, self.amp_dtype):
+            return self.inferer(inputs, network, *args, **kwargs)
 
     def make_step(self, x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor | None, *args, **kwargs) -> Step:
         """A :class:`~cpcl_bundle.terms.Step` of this trainer's networks, layers and teacher noise."""
@@ -267,7 +278,7 @@ class CPCLTrainer(Trainer):
             x_l,
             y_l,
             x_u,
-            lambda net, x: self.inferer(x, net, *args, **kwargs),
+            lambda net, x: self.run_network(net, x, *args, **kwargs),
             self.layers,
             self.teacher_noise,
             self.state.iteration,
@@ -298,31 +309,31 @@ class CPCLTrainer(Trainer):
 
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with engine._autocast():
-            if engine.method.needs_teacher_pass:
-                step.teacher()  # first, as the teacher's input noise has always been drawn before the student runs
-            for term in engine.terms:
-                for name, inputs in term.student_inputs(step).items():
-                    step.add_student_input(name, inputs)
-            out[Keys.PRED] = logits_l = step.student()
-            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            loss_sup = engine.loss_function(logits_l, y_l).mean()
-            lam = engine.consistency_weight(engine.state.iteration) if engine.terms else 0.0
-            loss = loss_sup
-            out.update(loss_sup=float(loss_sup.detach()), **{"lambda": float(lam)})
-            for term in engine.terms:
-                value, logs = term.loss(step)
-                loss = loss + lam * term.weight * value + term.auxiliary_loss(step)
-                out.update({term.key: float(value.detach()), **logs})
+        # forward passes under autocast (CPCLTrainer.forward); the losses below in fp32, outside it
+        if engine.method.needs_teacher_pass:
+            step.teacher()  # first, as the teacher's input noise has always been drawn before the student runs
+        for term in engine.terms:
+            for name, inputs in term.student_inputs(step).items():
+                step.add_student_input(name, inputs)
+        out[Keys.PRED] = logits_l = step.student().float()
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        loss_sup = engine.loss_function(logits_l, y_l).mean()
+        lam = engine.consistency_weight(engine.state.iteration) if engine.terms else 0.0
+        loss = loss_sup
+        out.update(loss_sup=float(loss_sup.detach()), **{"lambda": float(lam)})
+        for term in engine.terms:
+            value, logs = term.loss(step)
+            loss = loss + lam * term.weight * value + term.auxiliary_loss(step)
+            out.update({term.key: float(value.detach()), **logs})
         out[Keys.LOSS] = loss
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
         finite = bool(torch.isfinite(loss.detach()))
-        if engine.amp and engine.scaler is not None:
+        if engine.scaler is not None:  # fp16: scaled backward; GradScaler skips steps with non-finite gradients
             if finite:
                 engine.scaler.scale(loss).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            if finite:  # GradScaler itself skips steps with non-finite gradients
+            if finite:
                 engine.scaler.step(engine.optimizer)
                 engine.scaler.update()
         else:

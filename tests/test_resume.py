@@ -161,21 +161,27 @@ def test_resume_setting_typed_on_the_command_line_means_what_it_says(tmp_path):
         ResumeCheckpoint(tmp_path, resume="maybe")
 
 
-@pytest.mark.parametrize("method", ["dan", "dtml", "uamt", "ict"])
-def test_terms_with_their_own_state_or_randomness_resume_exactly(method, tmp_path):
+@pytest.mark.parametrize(
+    "method, amp", [("dan", False), ("dtml", False), ("uamt", False), ("ict", False), ("cpcl", True), ("mt", True)]
+)
+def test_terms_with_their_own_state_or_randomness_resume_exactly(method, amp, tmp_path):
     """In process: a run stopped after 2 of 4 steps and resumed from its checkpoint ends with the weights of the
     straight run, the student, the teacher and the term's own module and optimiser (DAN's discriminator,
-    DTML's distance network) alike."""
+    DTML's distance network) alike; in bf16 (``amp``) as in fp32."""
     from ignite.engine import Events
     from torch.utils.data import DataLoader
 
     from cpcl_bundle.losses import supervised_loss
     from cpcl_bundle.networks import unet3d
+    from cpcl_bundle.precision import cpu_has_bf16
     from cpcl_bundle.resume import ResumeCheckpoint
     from cpcl_bundle.trainer import CPCLTrainer, paper_optimizer
     from tests.helpers import TINY_FEATURES, blob_batch
 
-    def trainer(folder, resume=False, stop_at=None):
+    if amp and not cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 instructions: amp trains in fp32 here")
+
+    def trainer(folder, resume=False, stop_at=None, amp=amp):
         torch.manual_seed(int(resume))  # a resumed run starts from other weights and RNG: the checkpoint restores all
         net = unet3d(features=TINY_FEATURES)
         optimizer = paper_optimizer(net.parameters())
@@ -190,12 +196,16 @@ def test_terms_with_their_own_state_or_randomness_resume_exactly(method, tmp_pat
             optimizer,
             supervised_loss(),
             train_handlers=[handler],
+            amp=amp,
             method=method,
             unlabeled_data_loader=DataLoader(blob_batch(2, seed=2, with_label=False), batch_size=2),
         )
         if stop_at is not None:
             engine.add_event_handler(Events.ITERATION_COMPLETED(once=stop_at), lambda e: e.terminate())
         return engine
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
     torch.manual_seed(0)
     straight = trainer(tmp_path / "a")
@@ -204,10 +214,17 @@ def test_terms_with_their_own_state_or_randomness_resume_exactly(method, tmp_pat
     resumed = trainer(tmp_path / "b", resume=True)
     resumed.run()
     assert resumed.state.iteration == 4
-    pairs = [(straight.network, resumed.network)] + [(straight.teacher, resumed.teacher)] * (method in ("uamt", "ict"))
+    assert resumed.amp_dtype == (torch.bfloat16 if amp else None)
+    with_teacher = method in ("uamt", "ict", "cpcl", "mt")
+    pairs = [(straight.network, resumed.network)] + [(straight.teacher, resumed.teacher)] * with_teacher
     for a, b in pairs:
-        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+        assert same(a, b)
     term_a, term_b = straight.terms[0], resumed.terms[0]
     if term_a.has_state:
         state_a, state_b = term_a.module.state_dict(), term_b.module.state_dict()
         assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    if amp:  # and the bf16 run is not the fp32 run under another name
+        torch.manual_seed(0)
+        fp32 = trainer(tmp_path / "c", amp=False)
+        fp32.run()
+        assert not same(straight.network, fp32.network)
