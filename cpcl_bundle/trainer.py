@@ -16,12 +16,14 @@ LR schedule (poly, power 0.9, per step) is MONAI's ``LrScheduleHandler`` with ``
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from ignite.engine import Engine, EventEnum, Events
 from ignite.handlers import EMAHandler
+from ignite.handlers import TimeLimit as _IgniteTimeLimit
 from ignite.metrics import Metric
 from monai.engines import Trainer, Workflow
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
@@ -41,6 +43,7 @@ from cpcl_bundle.terms import Step
 __all__ = [
     "CPCLTrainer",
     "StopAtIteration",
+    "TimeLimit",
     "TERM_KEYS",
     "attach_teacher",
     "loss_terms",
@@ -99,6 +102,20 @@ class StopAtIteration:
             engine.last_event_name == Events.EPOCH_COMPLETED or not at_epoch_end
         ):
             engine.terminate()
+
+
+class TimeLimit(_IgniteTimeLimit):
+    """Ignite's ``TimeLimit`` as a handler of ``train_handlers``: ends a run gracefully once ``limit_sec`` seconds
+    have passed since it started (not since the handler was made, which precedes caching the data). The run ends
+    as at its last step: the final model and the resume checkpoint are written, and a later run with
+    ``resume=True`` goes on from there."""
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _start(self, engine: Engine) -> None:
+        self.start_time = time.time()
 
 
 def attach_teacher(
@@ -309,7 +326,7 @@ class CPCLTrainer(Trainer):
 
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        # forward passes under autocast (CPCLTrainer.forward); the losses below in fp32, outside it
+        # forward passes under autocast (run_network); the losses below in fp32, outside it
         if engine.method.needs_teacher_pass:
             step.teacher()  # first, as the teacher's input noise has always been drawn before the student runs
         for term in engine.terms:

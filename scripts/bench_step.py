@@ -1,15 +1,20 @@
 # Copyright (c) 2026 The CPCL bundle authors
 # SPDX-License-Identifier: Apache-2.0
 """Cost of one training step of every method (Table I's baselines, CPCL, the released code's CPCL), and of CPCL
-with the naive prototype computation.
+with the naive prototype computation, in fp32, in mixed precision, or both.
 
-    python scripts/bench_step.py --patch 64 --steps 5
-    python scripts/bench_step.py --patch 96 --steps 3 --device cuda
+    python scripts/bench_step.py --patch 48 --amp both              # fp32 and bf16 (a CPU with bf16) side by side
+    python scripts/bench_step.py --patch 64 --steps 5 --amp false
+    python scripts/bench_step.py --device cuda --amp true --patch 112 112 80
 
 Each variant runs in its own process (so the peak memory is its own): the paper's U-Net, batch 2 labeled
-+ 2 unlabeled, SGD, random inputs with a cube label. Printed: median step time, peak memory (CPU: peak
-RSS of the process; CUDA: peak allocated), ratio to MT. The prototype operations (both losses, forward +
-backward, at the step's shapes) are timed on their own, ours against the naive upsample-then-compute.
++ 2 unlabeled, SGD, random inputs with a cube label, the trainer's ``amp`` (:mod:`cpcl_bundle.precision`: bf16
+autocast on a CPU or GPU that has it, fp16 on an older GPU, fp32 on a CPU without bf16) and, on CUDA,
+``cudnn.benchmark`` as ``configs/train.json`` sets it. With ``--amp both`` each variant runs in fp32 and then in
+mixed precision, back to back, so their ratio is measured under the same load. Printed: median step time, peak
+memory (CPU: peak RSS of the process; CUDA: peak allocated), ratio to MT. The prototype operations (both
+losses, forward + backward, at the step's shapes; always fp32, as in training) are timed on their own, ours
+against the naive upsample-then-compute. ``--patch`` takes one size (a cube) or three.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 import fire
 import torch
@@ -31,6 +37,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from cpcl_bundle import losses  # noqa: E402
+from cpcl_bundle.validation import as_bool  # noqa: E402
 
 _MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
@@ -71,35 +78,65 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _data(n: int, patch: int, with_label: bool = True) -> list[dict]:
+def patch_size(patch: Any) -> tuple[int, int, int]:
+    """``48`` -> ``(48, 48, 48)``; ``[112, 112, 80]`` or ``"112,112,80"`` -> ``(112, 112, 80)``."""
+    if isinstance(patch, str):
+        patch = [int(v) for v in patch.replace(",", " ").replace("[", " ").replace("]", " ").split()]
+    sizes = [int(v) for v in (patch if isinstance(patch, (list, tuple)) else [patch])]
+    if len(sizes) == 1:
+        sizes *= 3
+    if len(sizes) != 3 or min(sizes) < 32 or any(v % 16 for v in sizes):
+        raise ValueError(
+            f"--patch: one size or three, multiples of 16 from 32 (the U-Net pools 4 times; instance norm needs more"
+            f" than one voxel at the bottleneck), got {patch}"
+        )
+    return sizes[0], sizes[1], sizes[2]
+
+
+def _patch_name(size: tuple[int, int, int]) -> str:
+    return f"{size[0]}^3" if len(set(size)) == 1 else "x".join(map(str, size))
+
+
+def _data(n: int, size: tuple[int, int, int], with_label: bool = True) -> list[dict]:
     items = []
     for i in range(n):
-        label = torch.zeros(1, patch, patch, patch)
-        q = patch // 4
-        label[:, q : 3 * q, q : 3 * q, q + i % 2 : 3 * q] = 1
-        image = torch.randn(1, patch, patch, patch) + label
+        label = torch.zeros(1, *size)
+        a, b, c = (v // 4 for v in size)
+        label[:, a : 3 * a, b : 3 * b, c + i % 2 : 3 * c] = 1
+        image = torch.randn(1, *size) + label
         items.append({"image": image, "label": label} if with_label else {"image": image})
     return items
 
 
-def one(variant: str = "cpcl", patch: int = 64, steps: int = 5, warmup: int = 2, device: str = "cpu") -> None:
+def one(
+    variant: str = "cpcl",
+    patch: Any = 64,
+    steps: int = 5,
+    warmup: int = 2,
+    device: str = "cpu",
+    amp: bool = False,
+    features: Any = None,
+) -> None:
     """Time one variant in this process; prints one JSON line."""
     from ignite.engine import Events
     from torch.utils.data import DataLoader
 
     from cpcl_bundle.networks import unet3d
+    from cpcl_bundle.precision import describe
     from cpcl_bundle.trainer import CPCLTrainer, paper_optimizer
 
     dev = torch.device(device)
+    size = patch_size(patch)
+    torch.backends.cudnn.benchmark = True  # fixed crops, as configs/train.json sets it (no effect on a CPU)
     torch.manual_seed(0)
     method = variant
     if variant == "cpcl_naive":
         _use_naive_prototypes()
         method = "cpcl"
-    net = unet3d().to(dev)
+    net = (unet3d() if features is None else unet3d(features=tuple(int(f) for f in features))).to(dev)
     opt = paper_optimizer(net.parameters())
-    labeled = DataLoader(_data(2, patch), batch_size=2)
-    unlabeled = DataLoader(_data(2, patch, with_label=False), batch_size=2)
+    labeled = DataLoader(_data(2, size), batch_size=2)
+    unlabeled = DataLoader(_data(2, size, with_label=False), batch_size=2)
     trainer = CPCLTrainer(
         dev,
         warmup + steps,
@@ -110,6 +147,7 @@ def one(variant: str = "cpcl", patch: int = 64, steps: int = 5, warmup: int = 2,
         unlabeled_data_loader=unlabeled,
         method=method,
         decollate=False,
+        amp=as_bool(amp, "amp"),
     )
     times: list[float] = []
     start = {}
@@ -124,10 +162,13 @@ def one(variant: str = "cpcl", patch: int = 64, steps: int = 5, warmup: int = 2,
         _sync(dev)
         times.append(time.perf_counter() - start["t"])
 
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     trainer.run()
     result = {
         "variant": variant,
-        "patch": patch,
+        "patch": list(size),
+        "precision": describe(trainer.amp_dtype),
         "median_s": statistics.median(times[warmup:]),
         "peak_gb": _peak_memory_gb(dev),
         "steps": steps,
@@ -135,18 +176,19 @@ def one(variant: str = "cpcl", patch: int = 64, steps: int = 5, warmup: int = 2,
     print(json.dumps(result))
 
 
-def prototypes(patch: int = 64, repeats: int = 3, naive: bool = False, device: str = "cpu") -> None:
+def prototypes(patch: Any = 64, repeats: int = 3, naive: bool = False, device: str = "cpu") -> None:
     """Forward + backward of L_fpc and L_bpc alone at a CPCL step's shapes (256 channels at patch/16)."""
     dev = torch.device(device)
     if naive:
         _use_naive_prototypes()
     torch.manual_seed(0)
-    s = patch // 16
-    f_l = torch.randn(2, 256, s, s, s, device=dev, requires_grad=True)
-    f_u = torch.randn(2, 256, s, s, s, device=dev)
-    y_l = torch.zeros(2, 1, patch, patch, patch, device=dev)
-    y_l[:, :, patch // 4 : patch // 2] = 1
-    p_u = torch.softmax(torch.randn(2, 2, patch, patch, patch, device=dev), 1)
+    size = patch_size(patch)
+    s = [v // 16 for v in size]
+    f_l = torch.randn(2, 256, *s, device=dev, requires_grad=True)
+    f_u = torch.randn(2, 256, *s, device=dev)
+    y_l = torch.zeros(2, 1, *size, device=dev)
+    y_l[:, :, size[0] // 4 : size[0] // 2] = 1
+    p_u = torch.softmax(torch.randn(2, 2, *size, device=dev), 1)
     times = []
     for _ in range(repeats + 1):
         _sync(dev)
@@ -158,7 +200,8 @@ def prototypes(patch: int = 64, repeats: int = 3, naive: bool = False, device: s
         times.append(time.perf_counter() - t)
     result = {
         "variant": "prototypes_naive" if naive else "prototypes",
-        "patch": patch,
+        "patch": list(size),
+        "precision": "fp32",
         "median_s": statistics.median(times[1:]),
         "peak_gb": _peak_memory_gb(dev),
         "steps": repeats,
@@ -178,54 +221,101 @@ def _child(args: list[str]) -> dict:
 DEFAULT_VARIANTS = "supervised,mt,uamt,entropy_min,ict,dan,dtml,cpcl,cpcl_released,cpcl_naive"
 
 
+def _amp_modes(amp: Any) -> list[bool]:
+    if str(amp).lower() == "both":
+        return [False, True]
+    return [as_bool(amp, "amp")]
+
+
 def main(
-    patch: int = 64,
+    patch: Any = 64,
     steps: int = 5,
     warmup: int = 2,
     device: str = "cpu",
     variants: str = DEFAULT_VARIANTS,
+    amp: Any = False,
+    features: Any = None,
     output: str | None = None,
 ) -> None:
     """Run every variant (a method of ``cpcl_bundle.methods.METHODS``, or ``cpcl_naive``) in its own process and
-    print the table (markdown); ``output`` also saves JSON."""
+    print the table (markdown); ``amp``: ``false`` (fp32), ``true`` (the device's mixed precision) or ``both``;
+    ``features``: the U-Net's channels (default the paper's 16-256; smaller for a quick check of the code paths);
+    ``output`` also saves JSON."""
     names = [v.strip() for v in (variants.split(",") if isinstance(variants, str) else variants)]
+    size, modes = patch_size(patch), _amp_modes(amp)
+    shape = ",".join(map(str, size))
     rows = []
     for name in names:
-        print(f"[bench_step] {name} at {patch}^3 ...", file=sys.stderr, flush=True)
-        rows.append(
-            _child(
-                [
-                    "one",
-                    f"--variant={name}",
-                    f"--patch={patch}",
-                    f"--steps={steps}",
-                    f"--warmup={warmup}",
-                    f"--device={device}",
-                ]
-            )
-        )
+        for mode in modes:
+            print(f"[bench_step] {name} at {_patch_name(size)}, amp {mode} ...", file=sys.stderr, flush=True)
+            args = [f"--variant={name}", f"--patch=[{shape}]", f"--steps={steps}", f"--warmup={warmup}"]
+            args += [] if features is None else [f"--features=[{','.join(str(int(f)) for f in features)}]"]
+            rows.append(_child(["one", *args, f"--device={device}", f"--amp={mode}"]))
     for naive in (False, True):
         print(f"[bench_step] prototype operations{' (naive)' if naive else ''} ...", file=sys.stderr, flush=True)
-        rows.append(_child(["prototypes", f"--patch={patch}", f"--naive={naive}", f"--device={device}"]))
-    ref = next((r["median_s"] for r in rows if r["variant"] == "mt"), None)
-    cpcl = next((r["median_s"] for r in rows if r["variant"] == "cpcl"), None)
-    threads = torch.get_num_threads()
-    print(
-        f"\nOne training step, batch 2 labeled + 2 unlabeled, {patch}^3, {device}, torch {torch.__version__}, "
-        f"{threads} threads; median of {steps} steps after {warmup} warm-up; peak = "
-        f"{'max allocated' if device.startswith('cuda') else 'peak RSS of the process'}\n"
-    )
-    print("| variant | step (s) | peak memory (GB) | time / MT | share of CPCL step |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        ratio = f"{r['median_s'] / ref:.2f}" if ref else "-"
-        share = f"{100 * r['median_s'] / cpcl:.1f} %" if cpcl and r["variant"].startswith("prototypes") else ""
-        print(f"| {r['variant']} | {r['median_s']:.3f} | {r['peak_gb']:.2f} | {ratio} | {share} |")
+        rows.append(_child(["prototypes", f"--patch=[{shape}]", f"--naive={naive}", f"--device={device}"]))
+    print(table(rows, steps, warmup, device))
     if output:
         with open(output, "w") as f:
             json.dump(rows, f, indent=2)
 
 
+def table(rows: list[dict], steps: int, warmup: int, device: str) -> str:
+    """The markdown table of :func:`main`'s rows: one row per variant, one column group per precision measured
+    (its step time, peak memory and ratio to MT in that precision), and mixed / fp32 where both were measured."""
+    steps_rows = [r for r in rows if not r["variant"].startswith("prototypes")]
+    precisions = list(dict.fromkeys(r["precision"] for r in steps_rows))
+    by = {(r["variant"], r["precision"]): r for r in steps_rows}
+    size = tuple(rows[0]["patch"])
+    lines = [
+        f"\nOne training step, batch 2 labeled + 2 unlabeled, {_patch_name(size)}, {device}, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads; median of {steps} steps after {warmup} warm-up; "
+        f"peak = {'max allocated' if device.startswith('cuda') else 'peak RSS of the process'}\n"
+    ]
+    header = ["variant"]
+    for p in precisions:
+        header += [f"{p} step (s)", f"{p} peak (GB)", f"{p} time / MT"]
+    mixed = [p for p in precisions if p != "fp32"]
+    if "fp32" in precisions and mixed:
+        header.append(f"{mixed[0]} / fp32")
+    header.append("share of CPCL step")
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        cells = [variant]
+        if variant.startswith("prototypes"):  # fp32 always: in the first column group, then the share
+            proto, cpcl = next(x for x in rows if x["variant"] == variant), by.get(("cpcl", precisions[-1]))
+            cells += [f"{proto['median_s']:.3f}", f"{proto['peak_gb']:.2f}", "-"]
+            cells += [""] * (len(header) - len(cells) - 1)
+            share = f"{100 * proto['median_s'] / cpcl['median_s']:.1f} % (of {precisions[-1]})" if cpcl else ""
+            lines.append("| " + " | ".join([*cells, share]) + " |")
+            continue
+        for p in precisions:
+            r, mt = by.get((variant, p)), by.get(("mt", p))
+            if r is None:
+                cells += ["", "", ""]
+                continue
+            ratio = f"{r['median_s'] / mt['median_s']:.2f}" if mt else "-"
+            cells += [f"{r['median_s']:.3f}", f"{r['peak_gb']:.2f}", ratio]
+        if "fp32" in precisions and mixed:
+            a, b = by.get((variant, "fp32")), by.get((variant, mixed[0]))
+            cells.append(f"**{b['median_s'] / a['median_s']:.2f}**" if a and b else "")
+        lines.append("| " + " | ".join([*cells, ""]) + " |")
+    return "\n".join(lines)
+
+
+def patch_argv(argv: list[str]) -> list[str]:
+    """``--patch 112 112 80`` (three words on the command line) -> ``--patch=[112,112,80]`` for fire."""
+    out = list(argv)
+    if "--patch" in out:
+        i = j = out.index("--patch")
+        while j + 1 < len(out) and out[j + 1].isdigit():
+            j += 1
+        if j - i > 1:
+            out[i : j + 1] = [f"--patch=[{','.join(out[i + 1 : j + 1])}]"]
+    return out
+
+
 if __name__ == "__main__":
     commands = {"main": main, "one": one, "prototypes": prototypes}
-    fire.Fire(commands if len(sys.argv) > 1 and sys.argv[1] in commands else main)
+    argv = patch_argv(sys.argv[1:])
+    fire.Fire(commands if argv and argv[0] in commands else main, command=argv)

@@ -2,6 +2,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """Small deterministic data for the tests."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
 
 #: A BasicUNet small enough for CPU tests (same layers, fewer channels).
@@ -88,3 +92,13 @@ class IntensityNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return -((x[:, :1] - self.centres) ** 2) * self.gain
+
+
+def load_script(name: str, module_name: str | None = None):
+    """The module of ``scripts/<name>.py`` (the scripts are not a package), registered in ``sys.modules``."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(module_name or f"cpcl_script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

@@ -5,7 +5,6 @@ from a local `python -m http.server`, and runnable from the downloaded copy."""
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from monai.bundle import ConfigParser
 from cpcl_bundle import BUNDLE_NAME, __version__
 from cpcl_bundle.metadata import CLASS_CONFIGS
 from cpcl_bundle.synthetic import generate_case
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 TOP_LEVEL_NOT_COPIED = {".git", ".pytest_cache", ".benchmarks", "data", "eval", "runs", "dist", "build", "models"}
@@ -50,15 +50,7 @@ JUNK = [  # planted in the copy: none of it may reach the zip
 SERVER_START_TIMEOUT_S = 30
 
 
-def load_package_module():
-    spec = importlib.util.spec_from_file_location("cpcl_release_package", ROOT / "scripts" / "package.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-pkg = load_package_module()
+pkg = load_script("package", "cpcl_release_package")
 
 
 def random_weights(config_file: Path, path: Path, seed: int = 0) -> None:

@@ -205,3 +205,22 @@ def test_non_finite_steps_never_touch_the_weights_and_stop_the_run(tiny_net):
     assert trainer.state.iteration == 4  # 1 finite step, then 3 skipped ones
     assert all(torch.equal(after_first[k], v) for k, v in tiny_net.state_dict().items())
     assert all(torch.isfinite(p).all() for p in trainer.teacher.parameters())
+
+
+def test_time_limit_ends_the_run_gracefully_counting_from_its_start(tiny_net, tmp_path):
+    """The bundle's ``time_limit``: Ignite's TimeLimit timed from the run's start (not from when the handler was
+    made), ending it as at its last step: COMPLETED fires, so the final checkpoint is written."""
+    import time
+
+    from cpcl_bundle.resume import ResumeCheckpoint, latest_checkpoint
+    from cpcl_bundle.trainer import TimeLimit
+
+    limit = TimeLimit(limit_sec=1)
+    time.sleep(1.2)  # made long before the run starts (e.g. while the data is cached): not counted
+    trainer = make_trainer(tiny_net, "supervised", max_epochs=50, handlers=[limit, ResumeCheckpoint(tmp_path, 1000)])
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: time.sleep(0.4))
+    completed = []
+    trainer.add_event_handler(Events.COMPLETED, lambda e: completed.append(e.state.iteration))
+    trainer.run()
+    assert 2 <= trainer.state.iteration <= 4 and completed == [trainer.state.iteration]
+    assert latest_checkpoint(tmp_path).name == f"resume_checkpoint_{trainer.state.iteration}.pt"
