@@ -4,7 +4,7 @@
 with the naive prototype computation, in fp32, in mixed precision, or both.
 
     python scripts/bench_step.py --patch 48 --amp both              # fp32 and bf16 (a CPU with bf16) side by side
-    python scripts/bench_step.py --patch 64 --steps 5 --amp false
+    python scripts/bench_step.py --patch 64 --steps 5 --amp false    # fp32 only (default: amp, as train.json)
     python scripts/bench_step.py --device cuda --amp true --patch 112 112 80
 
 Each variant runs in its own process (so the peak memory is its own): the paper's U-Net, batch 2 labeled
@@ -114,7 +114,7 @@ def one(
     steps: int = 5,
     warmup: int = 2,
     device: str = "cpu",
-    amp: bool = False,
+    amp: bool = True,
     features: Any = None,
 ) -> None:
     """Time one variant in this process; prints one JSON line."""
@@ -233,12 +233,13 @@ def main(
     warmup: int = 2,
     device: str = "cpu",
     variants: str = DEFAULT_VARIANTS,
-    amp: Any = False,
+    amp: Any = True,
     features: Any = None,
     output: str | None = None,
 ) -> None:
     """Run every variant (a method of ``cpcl_bundle.methods.METHODS``, or ``cpcl_naive``) in its own process and
-    print the table (markdown); ``amp``: ``false`` (fp32), ``true`` (the device's mixed precision) or ``both``;
+    print the table (markdown); ``amp``: ``true`` (the device's mixed precision, as ``configs/train.json``),
+    ``false`` (fp32) or ``both``;
     ``features``: the U-Net's channels (default the paper's 16-256; smaller for a quick check of the code paths);
     ``output`` also saves JSON."""
     names = [v.strip() for v in (variants.split(",") if isinstance(variants, str) else variants)]
