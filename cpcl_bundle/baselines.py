@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from cpcl_bundle.losses import gaussian_rampup
-from cpcl_bundle.networks import FEATURE_LAYERS, unwrap
+from cpcl_bundle.networks import add_dropout, unwrap
 from cpcl_bundle.terms import Step, Term, add_noise, register_term
 
 __all__ = [
@@ -95,18 +95,11 @@ def raw_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
 
 @contextlib.contextmanager
 def mc_dropout(network: torch.nn.Module, layers: Sequence[str], p: float) -> Iterator[None]:
-    """Channel dropout (``dropout3d``, always on) on the outputs of ``layers`` while the context is open, with
-    forward hooks: stochastic passes of a network that has no dropout of its own, whose ``state_dict`` and
-    exported form stay untouched."""
-    modules = dict(unwrap(network).named_modules())
-    handles = []
+    """Channel dropout (``dropout3d``, always on) on the outputs of ``layers`` while the context is open
+    (:func:`cpcl_bundle.networks.add_dropout`): stochastic passes of a network that has no dropout of its own,
+    whose ``state_dict`` and exported form stay untouched."""
+    handles = add_dropout(network, p, layers, "channel", always=True)
     try:
-        for layer in layers:
-            name = FEATURE_LAYERS.get(layer, layer)
-            if name not in modules:
-                raise ValueError(f"dropout layer {layer!r} is not in {type(unwrap(network)).__name__}")
-            hook = lambda m, args, out: F.dropout3d(out, p, training=True)  # noqa: E731
-            handles.append(modules[name].register_forward_hook(hook))
         yield
     finally:
         for handle in handles:

@@ -38,6 +38,7 @@ __all__ = [
     "softmax_mse_consistency",
     "prototype_predictions",
     "gaussian_rampup",
+    "ema_decay_at",
     "sigmoid_rampup",
     "consistency_weight",
 ]
@@ -262,6 +263,17 @@ def sigmoid_rampup(step: float, rampup_length: float, w_max: float = PAPER_W_MAX
     early in the run. ``rampup_length`` is in units of ``step_size`` steps.
     """
     return gaussian_rampup(float(int(step) // int(step_size)), rampup_length, w_max)
+
+
+def ema_decay_at(iteration: int, ema_decay: float = 0.99, warmup: bool = False) -> float:
+    """``alpha`` of Eq. 2 at the 1-based ``iteration``'s teacher update: the constant ``ema_decay`` (the paper), or
+    with ``warmup`` the mean-teacher code bases' ``min(1 - 1 / (t + 1), ema_decay)`` with ``t = iteration - 1``
+    the number of updates before this one (UA-MT's, the released CPCL code's and DTML's ``update_ema_variables``):
+    the first update copies the student, the ``t``-th makes the teacher the mean of the students so far, until
+    ``1 - 1 / (t + 1)`` reaches ``ema_decay`` (``t = 99`` for 0.99)."""
+    if not warmup:
+        return float(ema_decay)
+    return min(1.0 - 1.0 / int(iteration), float(ema_decay))
 
 
 def consistency_weight(

@@ -96,7 +96,9 @@ class Method:
         return _terms.build_terms(self.terms, merged)
 
     def with_stability(self) -> Method:
-        """The same method plus the mean-teacher consistency term (the released code's "stability" loss)."""
+        """The same method plus the mean-teacher consistency term ``mt`` (softmax MSE on the unlabeled images, the
+        teacher on noisy input): Table II's MT-F-PCL, MT-B-PCL and MT-C-PCL. Not the released code's "stability"
+        loss, which is the term ``stability_released`` (raw-logit MSE over all four images) of ``cpcl_released``."""
         if self.uses("mt"):
             return self
         return replace(self, name=f"{self.name}+stability", terms=self.terms | {"mt"})
@@ -150,7 +152,7 @@ METHODS: dict[str, Method] = {
 
 
 def get_method(method: str | Method, stability: bool = False) -> Method:
-    """A method by name (see :data:`METHODS`), optionally with the released code's stability term."""
+    """A method by name (see :data:`METHODS`), optionally with the mean-teacher term (:meth:`Method.with_stability`)."""
     if isinstance(method, Method):
         resolved = method
     else:

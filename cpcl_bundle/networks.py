@@ -7,9 +7,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.networks.nets import BasicUNet
 
-__all__ = ["PAPER_FEATURES", "FEATURE_LAYERS", "unet3d", "FeatureTap", "unwrap", "forward_with_features"]
+__all__ = [
+    "PAPER_FEATURES",
+    "FEATURE_LAYERS",
+    "DROPOUT_KINDS",
+    "REFERENCE_DROPOUT_LAYERS",
+    "unet3d",
+    "FeatureTap",
+    "unwrap",
+    "forward_with_features",
+    "add_dropout",
+]
 
 #: Channels of BasicUNet's five encoder levels and of the last decoder level.
 PAPER_FEATURES = (16, 32, 64, 128, 256, 16)
@@ -18,6 +29,15 @@ PAPER_FEATURES = (16, 32, 64, 128, 256, 16)
 #: convolution of the encoder: 256 channels at 1/16 of the crop); ``decoder_half`` is the released code's
 #: kind of layer (a decoder stage at half resolution, 32 channels).
 FEATURE_LAYERS = {"encoder": "down_4", "bottleneck": "down_4", "decoder_half": "upcat_2", "decoder_full": "upcat_1"}
+
+#: Where the references' backbones drop out: on the bottleneck and on the last decoder stage, before the output
+#: convolution. The V-Net of UA-MT, of CPCL's released code and of DTML (``has_dropout=True``): ``Dropout3d(0.5)``
+#: on ``x5`` and on ``x9``; SSL4MIS's ``unet_3D``: ``Dropout(0.3)`` on ``center`` and on ``up1``.
+REFERENCE_DROPOUT_LAYERS = ("bottleneck", "decoder_full")
+
+#: ``"channel"``: whole feature maps (``Dropout3d``, the V-Net's); ``"element"``: single values (``Dropout``,
+#: SSL4MIS's ``unet_3D``).
+DROPOUT_KINDS = {"channel": F.dropout3d, "element": F.dropout}
 
 
 def unet3d(
@@ -117,3 +137,39 @@ def forward_with_features(
     if tap.features is None:
         raise RuntimeError(f"layer {tap.layer!r} did not run in the forward pass")
     return logits, tap.features
+
+
+def add_dropout(
+    network: torch.nn.Module,
+    p: float,
+    layers: Sequence[str] = REFERENCE_DROPOUT_LAYERS,
+    kind: str = "channel",
+    always: bool = False,
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Dropout with probability ``p`` on the outputs of ``layers``, through forward hooks, as the references'
+    backbones have it (:data:`REFERENCE_DROPOUT_LAYERS`, :data:`DROPOUT_KINDS`).
+
+    A hook adds no parameter: ``state_dict()`` keys and values are those of the network without dropout, so its
+    checkpoints load into the dropout-free ``network_def`` that inference, MONAI Label and TorchScript export
+    build. The dropout is active when the module is in training mode, or always with ``always`` (a teacher that
+    runs in training mode, as the references' EMA teachers do, or MC-dropout passes). Returns the hooks' handles
+    (``handle.remove()`` takes the dropout off again).
+    """
+    if not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if kind not in DROPOUT_KINDS:
+        raise ValueError(f"dropout kind {kind!r}: choose from {sorted(DROPOUT_KINDS)}")
+    drop, modules = DROPOUT_KINDS[kind], dict(unwrap(network).named_modules())
+    handles = []
+    for layer in layers:
+        name = FEATURE_LAYERS.get(layer, layer)
+        if name not in modules or name == "":
+            for handle in handles:
+                handle.remove()
+            raise ValueError(f"dropout layer {layer!r} is not in {type(unwrap(network)).__name__}")
+
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return drop(output, float(p), training=always or module.training)
+
+        handles.append(modules[name].register_forward_hook(hook))
+    return handles

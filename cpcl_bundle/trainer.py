@@ -34,9 +34,9 @@ from monai.utils import CommonKeys as Keys
 
 from cpcl_bundle.data import CyclingLoader
 from cpcl_bundle.guard import NonFiniteGuard
-from cpcl_bundle.losses import PAPER_W_MAX, consistency_weight
+from cpcl_bundle.losses import PAPER_W_MAX, consistency_weight, ema_decay_at
 from cpcl_bundle.methods import TRAINER_OPTIONS, Method, get_method
-from cpcl_bundle.networks import FeatureTap
+from cpcl_bundle.networks import REFERENCE_DROPOUT_LAYERS, FeatureTap, add_dropout
 from cpcl_bundle.precision import amp_dtype, autocast, describe, grad_scaler
 from cpcl_bundle.terms import Step
 
@@ -47,6 +47,7 @@ __all__ = [
     "TERM_KEYS",
     "attach_teacher",
     "loss_terms",
+    "lr_scheduler",
     "paper_optimizer",
     "poly_lr_handler",
 ]
@@ -75,6 +76,24 @@ def loss_terms(output: Any) -> dict[str, float]:
 def paper_optimizer(parameters: Iterable, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 1e-4):
     """The paper's optimiser: SGD, momentum 0.9, weight decay 1e-4, learning rate 0.01."""
     return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    kind: str = "poly",
+    total_steps: int = 1,
+    power: float = 0.9,
+    step_size: int = 2500,
+    gamma: float = 0.1,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule, stepped every iteration: ``"poly"``, ``lr_0 (1 - t / T)^power`` (the paper;
+    ``PolynomialLR``), or ``"step"``, ``lr_0 gamma^(t // step_size)`` (``StepLR``; UA-MT's and DTML's code on the
+    Left Atrium set: x0.1 every 2,500 steps)."""
+    if kind == "poly":
+        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=int(total_steps), power=power)
+    if kind == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=int(step_size), gamma=gamma)
+    raise ValueError(f"unknown learning-rate schedule {kind!r}: expected 'poly' or 'step'")
 
 
 def poly_lr_handler(optimizer: torch.optim.Optimizer, total_steps: int, power: float = 0.9) -> LrScheduleHandler:
@@ -119,15 +138,26 @@ class TimeLimit(_IgniteTimeLimit):
 
 
 def attach_teacher(
-    engine: Engine, network: torch.nn.Module, teacher: torch.nn.Module | EMAHandler | None, ema_decay: float
+    engine: Engine,
+    network: torch.nn.Module,
+    teacher: torch.nn.Module | EMAHandler | None,
+    ema_decay: float,
+    ema_warmup: bool = False,
 ) -> tuple[EMAHandler | None, torch.nn.Module]:
-    """The teacher of Eq. 2, frozen: ``None`` -> a new ``EMAHandler`` of ``network`` (momentum ``1 - ema_decay``)
-    attached to ``engine``; an ``EMAHandler`` -> attached; a module -> used as it is (the caller updates it)."""
+    """The teacher of Eq. 2, frozen: ``None`` -> a new ``EMAHandler`` of ``network`` (momentum ``1 - alpha``)
+    attached to ``engine``; an ``EMAHandler`` -> attached; a module -> used as it is (the caller updates it).
+    ``alpha`` is :func:`cpcl_bundle.losses.ema_decay_at` of the iteration (``ema_warmup``: the code bases'
+    warm-up), set before each update from the engine's iteration, so a resumed run continues it exactly."""
     ema = None
     if teacher is None or isinstance(teacher, EMAHandler):
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         ema = teacher if teacher is not None else EMAHandler(network, momentum=1.0 - ema_decay)
+
+        def momentum(engine: Engine) -> None:
+            engine.state.ema_momentum = 1.0 - ema_decay_at(engine.state.iteration, ema_decay, ema_warmup)
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, momentum)  # before the update below
         ema.attach(engine, name="ema_momentum")
         teacher = ema.ema_model
     for p in teacher.parameters():
@@ -149,6 +179,13 @@ class CPCLTrainer(Trainer):
         teacher: see :func:`attach_teacher` (default: the EMA of ``network``; an ``EMAHandler`` passed here is
             attached here, do not also list it in ``train_handlers``).
         ema_decay: alpha of Eq. 2 (0.99).
+        ema_warmup: alpha_t = min(1 - 1/(t + 1), ema_decay), the mean-teacher code bases' warm-up
+            (:func:`cpcl_bundle.losses.ema_decay_at`); off: the paper's constant alpha.
+        dropout: the references' backbone dropout with this probability (0: none), on ``dropout_layers`` (the
+            bottleneck and the last decoder stage), of ``dropout_kind`` (``"channel"``: the V-Net's Dropout3d;
+            ``"element"``: SSL4MIS's Dropout), through hooks (:func:`cpcl_bundle.networks.add_dropout`): the
+            student's in training mode, the teacher's on every pass (the references run their EMA teacher in
+            training mode); UA-MT's own stochastic passes then add none (``uamt_dropout`` 0).
         w_max: maximum of ``lambda(t)`` (0.1).
         rampup: ``"gaussian"`` (Eq. 11), ``"sigmoid"`` (MT code bases) or ``"constant"``.
         rampup_length: ``t_max`` in steps (in units of ``rampup_step_size``); default the whole run.
@@ -156,7 +193,9 @@ class CPCLTrainer(Trainer):
         amp: mixed precision (:mod:`cpcl_bundle.precision`): the networks' forward passes under autocast in bf16 on
             a GPU or CPU that has it (fp16 with a ``GradScaler`` on an older GPU; fp32 on a CPU without bf16), the
             prototypes and every loss in fp32. ``amp_kwargs["dtype"]`` picks the dtype instead.
-        stability: add the mean-teacher term to the method.
+        stability: add the mean-teacher consistency term ``mt`` to the method: Table II's MT-F-PCL, MT-B-PCL and
+            MT-C-PCL (``mt_cpcl`` is CPCL with it). The released code's own "stability" loss (raw-logit MSE
+            over all four images) is the term ``stability_released`` of the method ``cpcl_released``.
         max_iterations: stop after this many iterations even if ``max_epochs`` allows more (the run is
             ``min(max_iterations, max_epochs * epoch_length)`` steps; ramp-up and LR follow that length).
         max_nonfinite_steps: see :class:`~cpcl_bundle.guard.NonFiniteGuard`.
@@ -194,6 +233,10 @@ class CPCLTrainer(Trainer):
         method: str | Method = "cpcl",
         teacher: torch.nn.Module | EMAHandler | None = None,
         ema_decay: float = 0.99,
+        ema_warmup: bool = False,
+        dropout: float = 0.0,
+        dropout_layers: Sequence[str] = REFERENCE_DROPOUT_LAYERS,
+        dropout_kind: str = "channel",
         w_max: float = PAPER_W_MAX,
         rampup: str = "gaussian",
         rampup_length: int | None = None,
@@ -235,6 +278,8 @@ class CPCLTrainer(Trainer):
         self.w_max, self.rampup, self.rampup_length = float(w_max), schedule["rampup"], schedule["rampup_length"]
         self.rampup_step_size = int(schedule["rampup_step_size"])
         consistency_weight(0, 1, 1.0, self.rampup)  # fail now on an unknown ramp-up name
+        if float(dropout) > 0:  # the teacher's dropout already makes UA-MT's passes stochastic
+            term_options.setdefault("uamt_dropout", 0.0)
         self.terms = self.method.build(**term_options)
         noises = {t.teacher_noise for t in self.terms if "teacher_noise" in t.needs}
         if len(noises) > 1:
@@ -248,8 +293,13 @@ class CPCLTrainer(Trainer):
         if self.max_iterations is not None:
             StopAtIteration(self.max_iterations).attach(self)
         self.ema, self.teacher = (
-            attach_teacher(self, network, teacher, ema_decay) if self.method.needs_teacher else (None, None)
+            attach_teacher(self, network, teacher, ema_decay, ema_warmup) if self.method.needs_teacher else (None, None)
         )
+        self.dropout = float(dropout)
+        if self.dropout > 0:  # after the teacher's copy of the student, before the terms' copies (DTML's network)
+            add_dropout(network, self.dropout, dropout_layers, dropout_kind)
+            if self.teacher is not None:
+                add_dropout(self.teacher, self.dropout, dropout_layers, dropout_kind, always=True)
         self.unlabeled_stream: CyclingLoader | None = None
         if self.method.needs_unlabeled:
             if unlabeled_data_loader is None:

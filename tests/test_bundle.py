@@ -237,7 +237,7 @@ def test_paper_protocol_preset_overrides_the_cpu_demo():
     parser["bundle_root"] = str(ROOT)
     assert parser.get_parsed_content("patch_size") == [96, 96, 96]
     assert parser.get_parsed_content("pixdim") == [1.0, 1.0, 1.0]
-    assert parser.get_parsed_content("lr_scheduler#total_iters") == 20000
+    assert parser.get_parsed_content("lr_scheduler#total_steps") == 20000
     max_epochs = parser.get_parsed_content("train#trainer#max_epochs")
     assert max_epochs * parser.get_parsed_content("epoch_length") == 20000
     crops = parser.get_parsed_content("train#labeled_crop")

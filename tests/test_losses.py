@@ -196,3 +196,15 @@ def test_fig6_maps_cover_the_classes_present():
     assert maps["p_u2l"] is not None and maps["p_u2l"].shape == (2, 3, 12, 12, 12)
     none = prototype_predictions(f_l, torch.zeros_like(y_l), f_u, p_u)  # background only: nothing to tell apart
     assert none["p_l2u"] is None
+
+
+def test_ema_warmup_is_the_code_bases_update_variables():
+    """min(1 - 1/(t + 1), alpha), t = updates before this one (UA-MT's update_ema_variables): 0, 1/2, 2/3, ...,
+    0.99 from the 100th update on; without the warm-up the paper's constant alpha (Eq. 2)."""
+    from cpcl_bundle.losses import ema_decay_at
+
+    warm = [ema_decay_at(i, 0.99, warmup=True) for i in range(1, 203)]
+    assert warm[:3] == [0.0, 0.5, pytest.approx(2 / 3)]
+    assert all(a == pytest.approx(1 - 1 / i) for i, a in enumerate(warm[:99], start=1))
+    assert warm[99:] == [0.99] * 103
+    assert {ema_decay_at(i, 0.99) for i in range(1, 50)} == {0.99}

@@ -45,3 +45,56 @@ def test_paper_backbone_shapes():
     net = unet3d()
     assert net.down_4.convs.conv_1.conv.out_channels == 256 and net.conv_0.conv_0.conv.out_channels == 16
     assert unwrap(torch.nn.DataParallel(net)) is net
+
+
+@pytest.mark.parametrize("kind", ["channel", "element"])
+def test_dropout_hooks_are_the_references_dropout_and_leave_the_weights_alone(tiny_net, kind):
+    """add_dropout: on the bottleneck and the last decoder stage, what Dropout3d (the V-Net's, whole channels) or
+    Dropout (SSL4MIS's unet_3D) does there, in training mode only unless ``always``; no new parameter, so the
+    state dict loads strictly into the plain network (and its TorchScript form)."""
+    from cpcl_bundle.networks import add_dropout
+
+    plain = unet3d(features=(4, 4, 8, 8, 16, 4))
+    plain.load_state_dict(tiny_net.state_dict())
+    seen = {}
+    for layer in ("down_4", "upcat_1"):  # registered first: sees the layer's own output
+        getattr(tiny_net, layer).register_forward_hook(lambda m, a, out, layer=layer: seen.update({layer: out}))
+    handles = add_dropout(tiny_net, 0.5, kind=kind)
+    after = {}
+    for layer in ("down_4", "upcat_1"):  # registered last: sees the output after dropout
+        getattr(tiny_net, layer).register_forward_hook(lambda m, a, out, layer=layer: after.update({layer: out}))
+    x = torch.randn(2, 1, 32, 32, 32)
+    tiny_net.train()
+    tiny_net(x)
+    for layer in ("down_4", "upcat_1"):
+        raw, dropped = seen[layer], after[layer]
+        kept = dropped != 0
+        assert torch.allclose(dropped[kept], 2 * raw[kept])  # survivors scaled by 1 / (1 - p)
+        if kind == "channel":  # whole feature maps: each (image, channel) all kept or all dropped
+            per_map = kept.flatten(2)
+            assert torch.equal(per_map.all(-1), per_map.any(-1))
+            assert 0.2 < per_map.any(-1).float().mean() < 0.8
+        else:
+            assert 0.4 < kept.float().mean() < 0.6 and not torch.equal(kept.flatten(2).all(-1), kept.flatten(2).any(-1))
+    tiny_net.eval()
+    plain.eval()
+    assert torch.equal(tiny_net(x), plain(x))  # off in evaluation
+    always = add_dropout(plain, 0.5, kind=kind, always=True)
+    assert not torch.equal(plain(x), plain(x))  # MC dropout / a teacher in training mode
+    for handle in always + handles:
+        handle.remove()
+    assert set(tiny_net.state_dict()) == set(plain.state_dict())
+    scripted = torch.jit.script(unet3d(features=(4, 4, 8, 8, 16, 4)))
+    scripted.load_state_dict(tiny_net.state_dict(), strict=True)
+
+
+def test_dropout_arguments_are_checked(tiny_net):
+    from cpcl_bundle.networks import add_dropout
+
+    with pytest.raises(ValueError, match=r"dropout layer 'centre' is not in BasicUNet"):
+        add_dropout(tiny_net, 0.5, layers=("bottleneck", "centre"))
+    assert not tiny_net.down_4._forward_hooks  # nothing left half-registered
+    with pytest.raises(ValueError, match="choose from"):
+        add_dropout(tiny_net, 0.5, kind="spatial")
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        add_dropout(tiny_net, 1.0)

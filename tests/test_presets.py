@@ -153,3 +153,24 @@ def test_inference_sees_the_image_training_sees(preset, tmp_path):
     else:  # pre-normalised: nothing rescaled (the values stay those of the file)
         assert abs(float(a.mean()) - float(image.mean())) < 0.05  # not z-scored again: the atrium is bright
         assert float(a.max()) > 1.5 and float(a.min()) < -0.5  # not squashed into [0, 1]
+
+
+@pytest.mark.parametrize("method, schedule", [("cpcl", "poly"), ("mt", "poly"), ("uamt", "step"), ("dtml", "step")])
+def test_la2018_preset_follows_the_references_protocol(method, schedule):
+    """The Left Atrium code bases (UA-MT, CPCL's released code, DTML): V-Net dropout (Dropout3d 0.5 on the
+    bottleneck and the last decoder stage), the EMA warm-up, and UA-MT's and DTML's step learning rate."""
+    parser = _parser([TRAIN, CONFIGS / "presets" / "la2018.json"], method=method)
+    assert parser.get_parsed_content("dropout") == 0.5 and parser.get_parsed_content("dropout_kind") == "channel"
+    assert parser.get_parsed_content("dropout_layers") == ["bottleneck", "decoder_full"]
+    assert parser.get_parsed_content("ema_warmup") is True
+    assert {k: parser[f"train#trainer#{k}"] for k in ("ema_warmup", "dropout", "dropout_layers", "dropout_kind")} == {
+        "ema_warmup": "@ema_warmup",
+        "dropout": "@dropout",
+        "dropout_layers": "@dropout_layers",
+        "dropout_kind": "@dropout_kind",
+    }
+    assert parser["lr_scheduler#kind"] == "@lr_schedule"
+    assert parser.get_parsed_content("lr_schedule") == schedule
+    default = _parser([TRAIN], method=method)
+    assert default.get_parsed_content("dropout") == 0.0 and default.get_parsed_content("ema_warmup") is False
+    assert default.get_parsed_content("lr_schedule") == "poly"

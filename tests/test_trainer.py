@@ -224,3 +224,53 @@ def test_time_limit_ends_the_run_gracefully_counting_from_its_start(tiny_net, tm
     trainer.run()
     assert 2 <= trainer.state.iteration <= 4 and completed == [trainer.state.iteration]
     assert latest_checkpoint(tmp_path).name == f"resume_checkpoint_{trainer.state.iteration}.pt"
+
+
+def test_ema_warmup_makes_the_first_teacher_the_student_then_their_running_mean(tiny_net):
+    trainer = make_trainer(tiny_net, "mt", max_epochs=3, ema_warmup=True)
+    teacher, before, errors = trainer.teacher, {}, []
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def keep(_):
+        before["teacher"] = [p.detach().clone() for p in teacher.parameters()]
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def check(engine):
+        alpha = 1 - 1 / engine.state.iteration  # 0, 1/2, 2/3: the update_ema_variables warm-up
+        for old, new, student in zip(before["teacher"], teacher.parameters(), tiny_net.parameters()):
+            errors.append((new - (alpha * old + (1 - alpha) * student.detach())).abs().max().item())
+
+    trainer.run()
+    assert len(errors) == 3 * len(list(tiny_net.parameters())) and max(errors) < 1e-6
+
+
+@pytest.mark.parametrize("kind, expected", [("poly", lambda t: 0.01 * (1 - t / 10) ** 0.9), ("step", None)])
+def test_lr_schedules_stepped_per_iteration(tiny_net, kind, expected):
+    """``lr_scheduler``: the paper's poly decay over the run, or UA-MT's and DTML's x0.1 every ``step_size`` steps."""
+    from cpcl_bundle.trainer import lr_scheduler
+
+    optimizer = paper_optimizer(tiny_net.parameters())
+    scheduler = lr_scheduler(optimizer, kind, total_steps=10, step_size=4, gamma=0.1)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    literal = [expected(t) if expected else 0.01 * 0.1 ** (t // 4) for t in range(10)]
+    assert lrs == pytest.approx(literal)
+    with pytest.raises(ValueError, match="expected 'poly' or 'step'"):
+        lr_scheduler(optimizer, "cosine")
+
+
+def test_backbone_dropout_on_student_in_training_and_on_the_teacher_always(tiny_net):
+    trainer = make_trainer(tiny_net, "uamt", max_epochs=1, dropout=0.5)
+    x = torch.randn(1, 1, 32, 32, 32)
+    tiny_net.train()
+    assert not torch.equal(tiny_net(x), tiny_net(x))
+    tiny_net.eval()
+    assert torch.equal(tiny_net(x), tiny_net(x))  # validation and inference see the plain network
+    with torch.no_grad():
+        assert not torch.equal(trainer.teacher(x), trainer.teacher(x))  # the references' teacher in training mode
+    assert trainer.terms[0].dropout == 0.0  # UA-MT's passes are stochastic through the teacher's own dropout
+    trainer.run()
+    assert all(torch.isfinite(p).all() for p in tiny_net.parameters())
