@@ -121,7 +121,8 @@ def probe_maps(
 ) -> dict[str, torch.Tensor | None]:
     """The Fig. 6 maps of the trainer's current student and teacher on fixed volumes (channel-first, one case
     each, e.g. kept from an earlier batch), so one slice can be followed through training. Side-effect free: no
-    weights, statistics or RNG streams change (the teacher's input noise is not applied)."""
+    weights, statistics or RNG streams change (the teacher's input noise is not applied; the backbone's dropout,
+    where the run has it, draws from a generator forked and seeded for the probe)."""
     network = trainer.network
     device = trainer.state.device if trainer.state.device is not None else next(network.parameters()).device
     term = _prototype_term(trainer)
@@ -136,7 +137,9 @@ def probe_maps(
         lambda net, x: trainer.inferer(x, net),
         layers=() if term is None else term.layers,
     )
-    return step_maps(step, term)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)  # a network with dropout draws the same masks at every snapshot, and no RNG moves
+        return step_maps(step, term)
 
 
 class PrototypeMapHandler:

@@ -129,3 +129,29 @@ def test_every_foreground_class_gets_its_panels_and_montage_rows(tmp_path):
 
     montage = np.asarray(Image.open(tmp_path / "prototype_maps_000007.png"))
     assert montage.shape == (4 * 12, 4 * 12)  # 2 classes x 2 rows of 4 panels of 12 x 12 (a binary model: 2 rows)
+
+
+def test_probe_with_backbone_dropout_is_repeatable_and_moves_no_random_stream(tiny_net):
+    """With the references' dropout on (student in training mode, teacher always), two probes of the same weights
+    give the same maps and leave the global random state where it was, so probing cannot shift training."""
+    trainer = CPCLTrainer(
+        "cpu",
+        1,
+        DataLoader(blob_batch(2, seed=1), batch_size=2),
+        tiny_net,
+        paper_optimizer(tiny_net.parameters()),
+        supervised_loss(),
+        unlabeled_data_loader=DataLoader(blob_batch(2, seed=2, with_label=False), batch_size=2),
+        method="cpcl",
+        dropout=0.5,
+    )
+    tiny_net.train()
+    x_l, y_l, x_u = (
+        blob_batch(1, seed=3)[0]["image"],
+        blob_batch(1, seed=3)[0]["label"],
+        blob_batch(1, seed=4)[0]["image"],
+    )
+    state = torch.get_rng_state()
+    a, b = probe_maps(trainer, x_l, y_l, x_u), probe_maps(trainer, x_l, y_l, x_u)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a[k], b[k]) for k in a if a[k] is not None)

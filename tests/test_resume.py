@@ -162,12 +162,23 @@ def test_resume_setting_typed_on_the_command_line_means_what_it_says(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "method, amp", [("dan", False), ("dtml", False), ("uamt", False), ("ict", False), ("cpcl", True), ("mt", True)]
+    "method, amp, protocol",
+    [
+        ("dan", False, {}),
+        ("dtml", False, {}),
+        ("uamt", False, {}),
+        ("ict", False, {}),
+        ("cpcl", True, {}),
+        ("mt", True, {}),
+        ("uamt", True, {"dropout": 0.5, "ema_warmup": True}),
+        ("cpcl", False, {"dropout": 0.3, "dropout_kind": "element", "ema_warmup": True}),
+    ],
 )
-def test_terms_with_their_own_state_or_randomness_resume_exactly(method, amp, tmp_path):
+def test_terms_with_their_own_state_or_randomness_resume_exactly(method, amp, protocol, tmp_path):
     """In process: a run stopped after 2 of 4 steps and resumed from its checkpoint ends with the weights of the
     straight run, the student, the teacher and the term's own module and optimiser (DAN's discriminator,
-    DTML's distance network) alike; in bf16 (``amp``) as in fp32."""
+    DTML's distance network) alike; in bf16 (``amp``) as in fp32, and with the LA code bases' backbone dropout
+    (random masks on student and teacher) and EMA warm-up."""
     from ignite.engine import Events
     from torch.utils.data import DataLoader
 
@@ -199,6 +210,7 @@ def test_terms_with_their_own_state_or_randomness_resume_exactly(method, amp, tm
             amp=amp,
             method=method,
             unlabeled_data_loader=DataLoader(blob_batch(2, seed=2, with_label=False), batch_size=2),
+            **protocol,
         )
         if stop_at is not None:
             engine.add_event_handler(Events.ITERATION_COMPLETED(once=stop_at), lambda e: e.terminate())
