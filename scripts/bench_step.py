@@ -19,6 +19,7 @@ against the naive upsample-then-compute. ``--patch`` takes one size (a cube) or 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -26,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import fire
@@ -62,15 +64,27 @@ def naive_prototype_logits(features, prototypes, size, scale=20.0, eps=1e-12):
     return scale * torch.einsum("bc...,kc->bk...", F.normalize(up, dim=1, eps=eps), F.normalize(prototypes, dim=1))
 
 
-def _use_naive_prototypes() -> None:
-    losses.masked_average_prototypes = naive_masked_average_prototypes
-    losses.prototype_logits = naive_prototype_logits
+@contextlib.contextmanager
+def _naive_prototypes(on: bool = True) -> Iterator[None]:
+    """The losses computed with the literal upsample-then-compute prototypes while the context is open."""
+    saved = losses.masked_average_prototypes, losses.prototype_logits
+    if on:
+        losses.masked_average_prototypes, losses.prototype_logits = (
+            naive_masked_average_prototypes,
+            naive_prototype_logits,
+        )
+    try:
+        yield
+    finally:
+        losses.masked_average_prototypes, losses.prototype_logits = saved
 
 
-def _peak_memory_gb(device: torch.device) -> float:
+def _peak_memory_gb(device: torch.device, isolated: bool = True) -> float | None:
+    """CUDA: the most allocated since the last reset; CPU: the process's peak RSS, which is one variant's only in
+    a process of its own (else ``None``)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6 if isolated else None  # kB on Linux
 
 
 def _sync(device: torch.device) -> None:
@@ -118,6 +132,20 @@ def one(
     features: Any = None,
 ) -> None:
     """Time one variant in this process; prints one JSON line."""
+    print(json.dumps(measure(variant, patch, steps, warmup, device, amp, features)))
+
+
+def measure(
+    variant: str = "cpcl",
+    patch: Any = 64,
+    steps: int = 5,
+    warmup: int = 2,
+    device: str = "cpu",
+    amp: bool = True,
+    features: Any = None,
+    isolated: bool = True,
+) -> dict:
+    """Median step time and peak memory of one variant (``isolated``: the only one this process measures)."""
     from ignite.engine import Events
     from torch.utils.data import DataLoader
 
@@ -129,10 +157,7 @@ def one(
     size = patch_size(patch)
     torch.backends.cudnn.benchmark = True  # fixed crops, as configs/train.json sets it (no effect on a CPU)
     torch.manual_seed(0)
-    method = variant
-    if variant == "cpcl_naive":
-        _use_naive_prototypes()
-        method = "cpcl"
+    method = "cpcl" if variant == "cpcl_naive" else variant
     net = (unet3d() if features is None else unet3d(features=tuple(int(f) for f in features))).to(dev)
     opt = paper_optimizer(net.parameters())
     labeled = DataLoader(_data(2, size), batch_size=2)
@@ -164,23 +189,30 @@ def one(
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    trainer.run()
-    result = {
+    with _naive_prototypes(variant == "cpcl_naive"):
+        trainer.run()
+    return {
         "variant": variant,
         "patch": list(size),
         "precision": describe(trainer.amp_dtype),
         "median_s": statistics.median(times[warmup:]),
-        "peak_gb": _peak_memory_gb(dev),
+        "peak_gb": _peak_memory_gb(dev, isolated),
         "steps": steps,
     }
-    print(json.dumps(result))
 
 
 def prototypes(patch: Any = 64, repeats: int = 3, naive: bool = False, device: str = "cpu") -> None:
+    """Forward + backward of L_fpc and L_bpc alone at a CPCL step's shapes; prints one JSON line."""
+    print(json.dumps(measure_prototypes(patch, repeats, naive, device)))
+
+
+def measure_prototypes(
+    patch: Any = 64, repeats: int = 3, naive: bool = False, device: str = "cpu", isolated: bool = True
+) -> dict:
     """Forward + backward of L_fpc and L_bpc alone at a CPCL step's shapes (256 channels at patch/16)."""
     dev = torch.device(device)
-    if naive:
-        _use_naive_prototypes()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     torch.manual_seed(0)
     size = patch_size(patch)
     s = [v // 16 for v in size]
@@ -190,23 +222,23 @@ def prototypes(patch: Any = 64, repeats: int = 3, naive: bool = False, device: s
     y_l[:, :, size[0] // 4 : size[0] // 2] = 1
     p_u = torch.softmax(torch.randn(2, 2, *size, device=dev), 1)
     times = []
-    for _ in range(repeats + 1):
-        _sync(dev)
-        t = time.perf_counter()
-        fpc, _ = losses.forward_prototype_loss(f_l, y_l, f_u, p_u)
-        bpc, _ = losses.backward_prototype_loss(f_l, y_l, f_u, p_u)
-        (fpc + 10 * bpc).backward()
-        _sync(dev)
-        times.append(time.perf_counter() - t)
-    result = {
+    with _naive_prototypes(naive):
+        for _ in range(repeats + 1):
+            _sync(dev)
+            t = time.perf_counter()
+            fpc, _ = losses.forward_prototype_loss(f_l, y_l, f_u, p_u)
+            bpc, _ = losses.backward_prototype_loss(f_l, y_l, f_u, p_u)
+            (fpc + 10 * bpc).backward()
+            _sync(dev)
+            times.append(time.perf_counter() - t)
+    return {
         "variant": "prototypes_naive" if naive else "prototypes",
         "patch": list(size),
         "precision": "fp32",
         "median_s": statistics.median(times[1:]),
-        "peak_gb": _peak_memory_gb(dev),
+        "peak_gb": _peak_memory_gb(dev, isolated),
         "steps": repeats,
     }
-    print(json.dumps(result))
 
 
 def _child(args: list[str]) -> dict:
@@ -235,30 +267,43 @@ def main(
     variants: str = DEFAULT_VARIANTS,
     amp: Any = True,
     features: Any = None,
+    isolate: Any = None,
     output: str | None = None,
 ) -> None:
-    """Run every variant (a method of ``cpcl_bundle.methods.METHODS``, or ``cpcl_naive``) in its own process and
-    print the table (markdown); ``amp``: ``true`` (the device's mixed precision, as ``configs/train.json``),
-    ``false`` (fp32) or ``both``;
-    ``features``: the U-Net's channels (default the paper's 16-256; smaller for a quick check of the code paths);
+    """Time every variant (a method of ``cpcl_bundle.methods.METHODS``, or ``cpcl_naive``) and print the table
+    (markdown); ``amp``: ``true`` (the device's mixed precision, as ``configs/train.json``), ``false`` (fp32) or
+    ``both``; ``features``: the U-Net's channels (default the paper's 16-256; smaller for a quick check of the
+    code paths); ``isolate``: each variant in a process of its own (default on a CPU, where a process's peak RSS
+    is the only peak there is; on CUDA the peak is reset per variant and one process saves the start-ups);
     ``output`` also saves JSON."""
     names = [v.strip() for v in (variants.split(",") if isinstance(variants, str) else variants)]
     size, modes = patch_size(patch), _amp_modes(amp)
+    isolated = torch.device(device).type == "cpu" if isolate is None else as_bool(isolate, "isolate")
     shape = ",".join(map(str, size))
     rows = []
     for name in names:
         for mode in modes:
             print(f"[bench_step] {name} at {_patch_name(size)}, amp {mode} ...", file=sys.stderr, flush=True)
+            if not isolated:
+                rows.append(measure(name, size, steps, warmup, device, mode, features, isolated=False))
+                continue
             args = [f"--variant={name}", f"--patch=[{shape}]", f"--steps={steps}", f"--warmup={warmup}"]
             args += [] if features is None else [f"--features=[{','.join(str(int(f)) for f in features)}]"]
             rows.append(_child(["one", *args, f"--device={device}", f"--amp={mode}"]))
     for naive in (False, True):
         print(f"[bench_step] prototype operations{' (naive)' if naive else ''} ...", file=sys.stderr, flush=True)
+        if not isolated:
+            rows.append(measure_prototypes(size, naive=naive, device=device, isolated=False))
+            continue
         rows.append(_child(["prototypes", f"--patch=[{shape}]", f"--naive={naive}", f"--device={device}"]))
     print(table(rows, steps, warmup, device))
     if output:
         with open(output, "w") as f:
             json.dump(rows, f, indent=2)
+
+
+def _gb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def table(rows: list[dict], steps: int, warmup: int, device: str) -> str:
@@ -285,7 +330,7 @@ def table(rows: list[dict], steps: int, warmup: int, device: str) -> str:
         cells = [variant]
         if variant.startswith("prototypes"):  # fp32 always: in the first column group, then the share
             proto, cpcl = next(x for x in rows if x["variant"] == variant), by.get(("cpcl", precisions[-1]))
-            cells += [f"{proto['median_s']:.3f}", f"{proto['peak_gb']:.2f}", "-"]
+            cells += [f"{proto['median_s']:.3f}", _gb(proto["peak_gb"]), "-"]
             cells += [""] * (len(header) - len(cells) - 1)
             share = f"{100 * proto['median_s'] / cpcl['median_s']:.1f} % (of {precisions[-1]})" if cpcl else ""
             lines.append("| " + " | ".join([*cells, share]) + " |")
@@ -296,7 +341,7 @@ def table(rows: list[dict], steps: int, warmup: int, device: str) -> str:
                 cells += ["", "", ""]
                 continue
             ratio = f"{r['median_s'] / mt['median_s']:.2f}" if mt else "-"
-            cells += [f"{r['median_s']:.3f}", f"{r['peak_gb']:.2f}", ratio]
+            cells += [f"{r['median_s']:.3f}", _gb(r["peak_gb"]), ratio]
         if "fp32" in precisions and mixed:
             a, b = by.get((variant, "fp32")), by.get((variant, mixed[0]))
             cells.append(f"**{b['median_s'] / a['median_s']:.2f}**" if a and b else "")

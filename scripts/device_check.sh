@@ -37,7 +37,7 @@ fail() { echo "device_check: $*" >&2; exit 1; }
 
 if [[ $DRY == 1 ]]; then
     CARRY=$WORK/carry DEVICE=cpu PATCH="32 32 32" LABELED=2 MAX_ITERATIONS=6 RESERVE=0 WORKERS=1
-    BENCH="--steps 1 --warmup 0 --features [4,4,8,8,16,4]"
+    BENCH="--steps 1 --warmup 0 --features [4,4,8,8,16,4] --isolate false"
     LA="'pixdim': [2.5,2.5,2.5], 'patch_size': [32,32,32], 'sw_roi_size': [32,32,32], 'iterations_per_epoch': 3"
     LA+=", 'val_interval': 1, 'cache_workers': 1, 'evaluate_list': 'validation', 'network_def#features': [4,4,8,8,16,4]"
     stage "dry run: synthetic LA-like cases, packed as the real ones are"

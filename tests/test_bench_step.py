@@ -44,3 +44,15 @@ def test_one_variant_in_each_precision_and_the_side_by_side_table(capsys):
     assert cpcl[0] == "| cpcl" and cpcl[3] == cpcl[6] == "0.50"  # half of "mt" in both precisions
     assert cpcl[7] == f"**{rows[1]['median_s'] / rows[0]['median_s']:.2f}**"
     assert table[7].startswith("| prototypes | 0.010 | 0.50 | -") and table[7].endswith("% (of bf16) |")
+
+
+def test_in_process_variants_leave_the_bundles_prototypes_in_place():
+    """``--isolate false`` measures every variant in one process: the naive variant's prototypes must not leak
+    into the next one, and a CPU peak that is not one variant's own is not reported."""
+    from cpcl_bundle import losses
+
+    exact = losses.masked_average_prototypes, losses.prototype_logits
+    row = bench_step.measure("cpcl_naive", 32, steps=1, warmup=0, features=[4, 4, 8, 8, 16, 4], isolated=False)
+    assert (losses.masked_average_prototypes, losses.prototype_logits) == exact
+    assert row["variant"] == "cpcl_naive" and row["peak_gb"] is None and row["median_s"] > 0
+    assert "| cpcl_naive |" in bench_step.table([row], 1, 0, "cpu") and "| - |" in bench_step.table([row], 1, 0, "cpu")
