@@ -349,5 +349,6 @@ def _logged_override(log: str, key: str) -> str:
 
 
 def _cache_sizes(log: str) -> list[str]:
-    """Totals of MONAI CacheDataset progress bars ("Loading dataset: 100%|...| n/n"), in order."""
-    return [m.group(1) for m in re.finditer(r"Loading dataset: 100%\|[^|\r\n]*\| (\d+)/\1 ", log)]
+    """Totals of MONAI CacheDataset progress bars, in order: one per bar, read from the line tqdm prints when the bar
+    starts ("Loading dataset:   0%|...| 0/n"; its last line, "n/n", may be printed twice)."""
+    return [m.group(1) for m in re.finditer(r"Loading dataset:\s+0%\|[^|\r\n]*\| 0/(\d+) ", log)]
