@@ -122,17 +122,9 @@ def _data(n: int, size: tuple[int, int, int], with_label: bool = True) -> list[d
     return items
 
 
-def one(
-    variant: str = "cpcl",
-    patch: Any = 64,
-    steps: int = 5,
-    warmup: int = 2,
-    device: str = "cpu",
-    amp: bool = True,
-    features: Any = None,
-) -> None:
-    """Time one variant in this process; prints one JSON line."""
-    print(json.dumps(measure(variant, patch, steps, warmup, device, amp, features)))
+def one(**kwargs: Any) -> None:
+    """Time one variant in this process (the arguments of :func:`measure`); prints one JSON line."""
+    print(json.dumps(measure(**kwargs)))
 
 
 def measure(
@@ -201,9 +193,9 @@ def measure(
     }
 
 
-def prototypes(patch: Any = 64, repeats: int = 3, naive: bool = False, device: str = "cpu") -> None:
-    """Forward + backward of L_fpc and L_bpc alone at a CPCL step's shapes; prints one JSON line."""
-    print(json.dumps(measure_prototypes(patch, repeats, naive, device)))
+def prototypes(**kwargs: Any) -> None:
+    """The prototype operations alone (the arguments of :func:`measure_prototypes`); prints one JSON line."""
+    print(json.dumps(measure_prototypes(**kwargs)))
 
 
 def measure_prototypes(

@@ -32,7 +32,7 @@ def test_patch_sizes_and_the_three_word_patch_argument():
 def test_one_variant_in_each_precision_and_the_side_by_side_table(capsys):
     rows = []
     for amp in (False, True):
-        bench_step.one("cpcl", [32, 32, 48], steps=1, warmup=0, amp=amp, features=[4, 4, 8, 8, 16, 4])
+        bench_step.one(variant="cpcl", patch=[32, 32, 48], steps=1, warmup=0, amp=amp, features=[4, 4, 8, 8, 16, 4])
         rows.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     assert [r["precision"] for r in rows] == ["fp32", "bf16"] and rows[0]["patch"] == [32, 32, 48]
     rows += [dict(r, variant="mt", median_s=2 * r["median_s"]) for r in rows]
