@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Datalists, the labeled / unlabeled split, and the independently cycling unlabeled stream.
 
-Data contract (architecture.md): a Decathlon-style JSON with ``training`` (image + label), optional
+Data contract (docs/design/architecture.md): a Decathlon-style JSON with ``training`` (image + label), optional
 ``unlabeled`` (image only), ``validation`` and ``test``. Without an ``unlabeled`` list, ``labeled_ratio`` or
 ``num_labeled`` takes the first n of a seeded permutation of ``training`` as labeled and the rest, without
 their labels, as unlabeled. The split is written next to the run's outputs (``split.json``).
@@ -167,7 +167,7 @@ def semi_supervised_split(
     seed: int = 0,
     output_dir: str | os.PathLike | None = None,
 ) -> dict[str, list[dict]]:
-    """Split ``training`` into a labeled and an unlabeled stream (architecture.md, data contract).
+    """Split ``training`` into a labeled and an unlabeled stream (docs/design/architecture.md, data contract).
 
     * ``num_labeled`` (or ``round(labeled_ratio * N)``, at least 1) cases of a permutation seeded by ``seed``
       keep their labels; the others lose them and join the unlabeled stream.

@@ -4,7 +4,7 @@
 
 Every function here is pure: tensors in, tensors out. The prototype losses return ``(loss, classes)``:
 ``classes`` (``[K]`` bool) are the classes the term covered in this batch. **Decision** (multi-class, issue
-#13): a class absent from the batch has no prototype (cpcl-method.md "Decision"); it is left out of the
+#13): a class absent from the batch has no prototype (docs/design/cpcl-method.md "Decision"); it is left out of the
 prototype prediction (the softmax runs over the classes that have one) and the voxels that belong to it (by the
 teacher's pseudo label in L_fpc, by the real label in L_bpc) are left out of the loss, so the term stays on for
 the classes present. With every class present this is exactly Eq. 6 and 10. With fewer than two classes there is

@@ -1,6 +1,6 @@
 # Copyright (c) 2026 The CPCL bundle authors
 # SPDX-License-Identifier: Apache-2.0
-"""From a public data set's raw download to the bundle's datalist layout (architecture.md, data contract).
+"""From a public data set's raw download to the bundle's datalist layout (docs/design/architecture.md, data contract).
 
 What every ``scripts/prepare_<name>.py`` shares: the published case lists shipped in ``configs/splits/``,
 seeded splits, NIfTI writing, the ``dataset.json`` written last and atomically (so a folder with one is

@@ -156,7 +156,7 @@ def masked_average_prototypes(
     """Class prototypes of a batch by masked average pooling (Eq. 3, 4 and 8).
 
     ``p_k = mean over the images b where class k is present of proto[b, k]``, with the per-image masked mean
-    of :func:`masked_average_prototypes_per_image`. **Decision** (cpcl-method.md): an image without class k
+    of :func:`masked_average_prototypes_per_image`. **Decision** (docs/design/cpcl-method.md): an image without class k
     does not take part in ``p_k``; a class absent from the whole batch gets a zero prototype and
     ``present[k] = False``, so the caller can skip the loss term that needs it.
 

@@ -23,7 +23,7 @@ Gaussian point-spread function together with white noise, so the noise is spatia
 exactly the sampled standard deviation. The label is the kidney sampled at the voxel centres of the output
 grid.
 
-What makes the task hard (phantom.md), so that a few labeled cases do not cover it: three contrast phases
+What makes the task hard (docs/design/phantom.md), so that a few labeled cases do not cover it: three contrast phases
 (:data:`PHASES`: corticomedullary, where the cortex is the bright signal; nephrographic, where cortex and
 medulla are alike; early or poor enhancement, where the cortex is no brighter than the spleen); renal tumours
 in three cases of four (1.6-8 cm, exophytic or not, hyper- or hypo-enhancing, larger ones necrotic; labeled
@@ -608,7 +608,7 @@ def _enhancement(
 
 
 def _sample_hu(rng: np.random.Generator, timing: float, phase: str) -> np.ndarray:
-    """Per-case HU table [len(Tissue), 3]: mean, low-frequency and fine texture amplitudes (phantom.md).
+    """Per-case HU table [len(Tissue), 3]: mean, low-frequency and fine texture amplitudes (docs/design/phantom.md).
 
     ``timing`` in [0, 1] places the scan within the corticomedullary phase; the other ``phase`` values
     (:data:`PHASES`) then replace the enhancing tissues."""

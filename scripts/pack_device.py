@@ -44,7 +44,7 @@ from cpcl_bundle.prepare import PrepareError, run_cli  # noqa: E402
 
 H5_NAME = "mri_norm2.h5"
 FOLDER = "2018LA_Seg_Training Set"
-#: Imported by the bundle, not on the GPU image (KINDS.md of the device tool): carried as wheels. ``termcolor`` is
+#: Imported by the bundle, not on the GPU image (the device tool's notes): carried as wheels. ``termcolor`` is
 #: fire's one dependency; ``pyjpegls`` decodes the packed images.
 WHEELS = ("monai", "pytorch-ignite", "nibabel", "fire", "termcolor", "pyjpegls")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
