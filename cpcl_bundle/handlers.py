@@ -174,6 +174,7 @@ class PrototypeMapHandler:
         if interval < 1:
             raise ValueError(f"interval must be at least 1, got {interval}")
         self.log_dir, self.interval, self._writer = str(log_dir), int(interval), summary_writer
+        self._owns_writer = summary_writer is None
         self.png_dir = None if png_dir is None else Path(png_dir)
         self.tag, self.fixed = tag, bool(fixed)
         self._probe: tuple | None = None
@@ -193,6 +194,15 @@ class PrototypeMapHandler:
             raise TypeError(f"{type(engine).__name__} does not expose its steps: use CPCLTrainer")
         engine.add_event_handler(IterationEvents.MODEL_COMPLETED, self._capture)
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self._write)
+        engine.add_event_handler(Events.COMPLETED, self.close)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.close)
+
+    def close(self, engine: Engine | None = None) -> None:
+        """Closes the TensorBoard writer this handler opened (an injected ``summary_writer`` stays open: its owner
+        closes it); a later snapshot opens a new one."""
+        if self._owns_writer and self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def _capture(self, engine: Engine) -> None:
         """While the step is alive (``MODEL_COMPLETED``), on the steps this handler shows."""

@@ -3,7 +3,9 @@
 """Fig. 6 maps: taken from the trainer's step on the shown iterations, written to TensorBoard and as PNG montages."""
 
 import numpy as np
+import pytest
 import torch
+from ignite.engine import Events
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
@@ -155,3 +157,31 @@ def test_probe_with_backbone_dropout_is_repeatable_and_moves_no_random_stream(ti
     a, b = probe_maps(trainer, x_l, y_l, x_u), probe_maps(trainer, x_l, y_l, x_u)
     assert torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(a[k], b[k]) for k in a if a[k] is not None)
+
+
+@pytest.mark.parametrize("injected", [False, True])
+def test_the_writer_it_opened_is_closed_at_the_end_an_injected_one_is_not(tiny_net, tmp_path, injected):
+    from torch.utils.tensorboard import SummaryWriter
+
+    given = SummaryWriter(log_dir=str(tmp_path / "given")) if injected else None
+    handler = PrototypeMapHandler(log_dir=str(tmp_path / "tb"), interval=1, summary_writer=given)
+    trainer = CPCLTrainer(
+        "cpu",
+        1,
+        DataLoader(blob_batch(2, seed=1), batch_size=2),
+        tiny_net,
+        paper_optimizer(tiny_net.parameters()),
+        supervised_loss(),
+        unlabeled_data_loader=DataLoader(blob_batch(2, seed=2, with_label=False), batch_size=2),
+        method="cpcl",
+        train_handlers=[handler],
+    )
+    used = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: used.append(handler.writer))
+    trainer.run()
+    writer = used[-1]
+    if injected:
+        assert writer is given and given.file_writer is not None  # its owner closes it
+        given.close()
+    else:
+        assert writer.file_writer is None  # closed at COMPLETED
