@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from cpcl_bundle.validation import InputError, MissingInputError
+from cpcl_bundle.errors import InputError, MissingInputError
 
 logger = logging.getLogger(__name__)
 

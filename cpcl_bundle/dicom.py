@@ -23,7 +23,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from .validation import InputError
+from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
