@@ -207,23 +207,36 @@ def test_non_finite_steps_never_touch_the_weights_and_stop_the_run(tiny_net):
     assert all(torch.isfinite(p).all() for p in trainer.teacher.parameters())
 
 
-def test_time_limit_ends_the_run_gracefully_counting_from_its_start(tiny_net, tmp_path):
+def test_time_limit_ends_the_run_gracefully_counting_from_its_start(tiny_net, tmp_path, monkeypatch):
     """The bundle's ``time_limit``: Ignite's TimeLimit timed from the run's start (not from when the handler was
-    made), ending it as at its last step: COMPLETED fires, so the final checkpoint is written."""
-    import time
+    made), ending it as at its last step: COMPLETED fires, so the final checkpoint is written. A clock that moves
+    only where the test says (each step takes 4 s of it), so a slow or busy machine gives the same result."""
+    import types
 
+    import ignite.handlers.time_limit as ignite_time_limit
+
+    from cpcl_bundle import trainer as trainer_module
     from cpcl_bundle.resume import ResumeCheckpoint, latest_checkpoint
     from cpcl_bundle.trainer import TimeLimit
 
-    limit = TimeLimit(limit_sec=1)
-    time.sleep(1.2)  # made long before the run starts (e.g. while the data is cached): not counted
+    clock = types.SimpleNamespace(now=1000.0)
+    fake_time = types.SimpleNamespace(time=lambda: clock.now)
+    monkeypatch.setattr(trainer_module, "time", fake_time)
+    monkeypatch.setattr(ignite_time_limit, "time", fake_time)
+    limit = TimeLimit(limit_sec=10)
+    clock.now += 60  # made long before the run starts (e.g. while the data is cached): not counted
     trainer = make_trainer(tiny_net, "supervised", max_epochs=50, handlers=[limit, ResumeCheckpoint(tmp_path, 1000)])
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: time.sleep(0.4))
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def step_takes_four_seconds(_):
+        clock.now += 4.0
+
     completed = []
     trainer.add_event_handler(Events.COMPLETED, lambda e: completed.append(e.state.iteration))
     trainer.run()
-    assert 2 <= trainer.state.iteration <= 4 and completed == [trainer.state.iteration]
-    assert latest_checkpoint(tmp_path).name == f"resume_checkpoint_{trainer.state.iteration}.pt"
+    # the limit, attached first, reads the clock before the step's 4 s are added: 12 s > 10 s at the fourth step
+    assert trainer.state.iteration == 4 and completed == [4]
+    assert latest_checkpoint(tmp_path).name == "resume_checkpoint_4.pt"
 
 
 def test_ema_warmup_makes_the_first_teacher_the_student_then_their_running_mean(tiny_net):
