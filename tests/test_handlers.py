@@ -16,6 +16,21 @@ from cpcl_bundle.trainer import CPCLTrainer, paper_optimizer
 from tests.helpers import blob_batch
 
 
+def cpcl_trainer(net, max_epochs: int = 1, **kwargs) -> CPCLTrainer:
+    """CPCL on one batch of two labeled and one of two unlabeled blob volumes (one step an epoch)."""
+    return CPCLTrainer(
+        "cpu",
+        max_epochs,
+        DataLoader(blob_batch(2, seed=1), batch_size=2),
+        net,
+        paper_optimizer(net.parameters()),
+        supervised_loss(),
+        unlabeled_data_loader=DataLoader(blob_batch(2, seed=2, with_label=False), batch_size=2),
+        method="cpcl",
+        **kwargs,
+    )
+
+
 def test_pick_slice_finds_the_foreground():
     vol = torch.zeros(4, 5, 6)
     vol[:, :, 4] = 1
@@ -23,20 +38,8 @@ def test_pick_slice_finds_the_foreground():
 
 
 def test_maps_reach_tensorboard_and_png_only_every_interval(tiny_net, tmp_path, monkeypatch):
-    labeled = DataLoader(blob_batch(2, seed=1), batch_size=2)
-    unlabeled = DataLoader(blob_batch(2, seed=2, with_label=False), batch_size=2)
     handler = PrototypeMapHandler(log_dir=str(tmp_path / "tb"), interval=2, png_dir=tmp_path / "png")
-    trainer = CPCLTrainer(
-        "cpu",
-        3,
-        labeled,
-        tiny_net,
-        paper_optimizer(tiny_net.parameters()),
-        supervised_loss(),
-        unlabeled_data_loader=unlabeled,
-        method="cpcl",
-        train_handlers=[handler],
-    )
+    trainer = cpcl_trainer(tiny_net, 3, train_handlers=[handler])
     recorded = []
     orig = handlers_module.step_maps
 
@@ -136,17 +139,7 @@ def test_every_foreground_class_gets_its_panels_and_montage_rows(tmp_path):
 def test_probe_with_backbone_dropout_is_repeatable_and_moves_no_random_stream(tiny_net):
     """With the references' dropout on (student in training mode, teacher always), two probes of the same weights
     give the same maps and leave the global random state where it was, so probing cannot shift training."""
-    trainer = CPCLTrainer(
-        "cpu",
-        1,
-        DataLoader(blob_batch(2, seed=1), batch_size=2),
-        tiny_net,
-        paper_optimizer(tiny_net.parameters()),
-        supervised_loss(),
-        unlabeled_data_loader=DataLoader(blob_batch(2, seed=2, with_label=False), batch_size=2),
-        method="cpcl",
-        dropout=0.5,
-    )
+    trainer = cpcl_trainer(tiny_net, dropout=0.5)
     tiny_net.train()
     x_l, y_l, x_u = (
         blob_batch(1, seed=3)[0]["image"],
@@ -165,17 +158,7 @@ def test_the_writer_it_opened_is_closed_at_the_end_an_injected_one_is_not(tiny_n
 
     given = SummaryWriter(log_dir=str(tmp_path / "given")) if injected else None
     handler = PrototypeMapHandler(log_dir=str(tmp_path / "tb"), interval=1, summary_writer=given)
-    trainer = CPCLTrainer(
-        "cpu",
-        1,
-        DataLoader(blob_batch(2, seed=1), batch_size=2),
-        tiny_net,
-        paper_optimizer(tiny_net.parameters()),
-        supervised_loss(),
-        unlabeled_data_loader=DataLoader(blob_batch(2, seed=2, with_label=False), batch_size=2),
-        method="cpcl",
-        train_handlers=[handler],
-    )
+    trainer = cpcl_trainer(tiny_net, train_handlers=[handler])
     used = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: used.append(handler.writer))
     trainer.run()
