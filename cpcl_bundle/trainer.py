@@ -98,8 +98,7 @@ def lr_scheduler(
 
 def poly_lr_handler(optimizer: torch.optim.Optimizer, total_steps: int, power: float = 0.9) -> LrScheduleHandler:
     """Poly decay ``lr_t = lr_0 (1 - t / T)^0.9`` stepped every iteration, as MONAI's ``LrScheduleHandler``."""
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=int(total_steps), power=power)
-    return LrScheduleHandler(scheduler, print_lr=False, epoch_level=False)
+    return LrScheduleHandler(lr_scheduler(optimizer, "poly", total_steps, power), print_lr=False, epoch_level=False)
 
 
 class StopAtIteration:
@@ -295,11 +294,10 @@ class CPCLTrainer(Trainer):
         self.ema, self.teacher = (
             attach_teacher(self, network, teacher, ema_decay, ema_warmup) if self.method.needs_teacher else (None, None)
         )
-        self.dropout = float(dropout)
-        if self.dropout > 0:  # after the teacher's copy of the student, before the terms' copies (DTML's network)
-            add_dropout(network, self.dropout, dropout_layers, dropout_kind)
+        if float(dropout) > 0:  # after the teacher's copy of the student, before the terms' copies (DTML's network)
+            add_dropout(network, dropout, dropout_layers, dropout_kind)
             if self.teacher is not None:
-                add_dropout(self.teacher, self.dropout, dropout_layers, dropout_kind, always=True)
+                add_dropout(self.teacher, dropout, dropout_layers, dropout_kind, always=True)
         self.unlabeled_stream: CyclingLoader | None = None
         if self.method.needs_unlabeled:
             if unlabeled_data_loader is None:
