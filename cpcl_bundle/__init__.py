@@ -15,7 +15,6 @@ import importlib  # noqa: E402
 
 _SUBMODULES = (
     "baselines",
-    "benchmark",
     "data",
     "dicom",
     "errors",
@@ -23,12 +22,9 @@ _SUBMODULES = (
     "guard",
     "handlers",
     "losses",
-    "metadata",
     "methods",
     "networks",
-    "plots",
     "precision",
-    "prepare",
     "prototypes",
     "resume",
     "synthetic",

@@ -31,9 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from cpcl_bundle import benchmark, plots  # noqa: E402
 from cpcl_bundle.methods import get_method  # noqa: E402
 from cpcl_bundle.validation import as_bool  # noqa: E402
+from cpcl_tools import benchmark, plots  # noqa: E402
 
 DEFAULT_METHODS = ("supervised", "mt", "fpcl", "bpcl", "cpcl", "mt_cpcl")
 

@@ -40,7 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from cpcl_bundle.prepare import PrepareError, run_cli  # noqa: E402
+from cpcl_tools.prepare import PrepareError, run_cli  # noqa: E402
 
 H5_NAME = "mri_norm2.h5"
 FOLDER = "2018LA_Seg_Training Set"
@@ -207,7 +207,7 @@ def synthetic(source_dir: str, cases: int = 24, shape: tuple[int, int, int] = (4
     run, where the real cases are not at hand."""
     import h5py
 
-    from cpcl_bundle.prepare import shipped_split
+    from cpcl_tools.prepare import shipped_split
 
     rng = np.random.default_rng(seed)
     out = Path(source_dir) / FOLDER

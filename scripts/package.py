@@ -13,11 +13,13 @@ inputs give the same bytes, hence the same sha1 (with the same zlib).
 
 Contents (a whitelist; nothing else is ever stored): ``LICENSE``, ``README.md``, ``pyproject.toml`` (so that
 ``pip install -e .`` works in the downloaded bundle), ``configs/`` (``*.json``, ``*.yaml``, ``*.yml``,
-``logging.conf``; not MONAI Label's ``monailabel_train.json``), ``docs/`` (every file), ``cpcl_bundle/**.py``,
-``scripts/**.py``, and ``models/model.pt`` copied from ``--model`` (required: the trained weights, a plain state dict
-of ``network_def`` in configs/inference.json; checked by loading it strictly unless ``--check_weights False``).
+``logging.conf``; not MONAI Label's ``monailabel_train.json``), ``docs/`` (every file), ``cpcl_bundle/**.py`` (the
+runtime that the configs reference), and ``models/model.pt`` copied from ``--model`` (required: the trained weights,
+a plain state dict of ``network_def`` in configs/inference.json; checked by loading it strictly unless
+``--check_weights False``).
 ``--torchscript`` adds ``models/model.ts`` (made by ``ckpt_export``). Never stored: outputs and caches (``eval/``,
-``data/``, ``runs/``, ``dist/``, ``__pycache__``, ``*.pyc``), ``.git``, virtual environments, ``tests/``,
+``data/``, ``runs/``, ``dist/``, ``__pycache__``, ``*.pyc``), ``.git``, virtual environments, ``tests/``, the tools
+(``scripts/``, ``cpcl_tools/``: data preparation, benchmark, plots, packaging; they stay in the source repository),
 ``models/model_best.pt`` (pass ``--model models/model_best.pt`` to release the best-validation weights as
 ``models/model.pt``), ``large_files.yml`` (the zoo removes it from releases), and the root ``metadata.json`` symlink
 (the zoo has only ``configs/metadata.json``; zipfile extraction would turn a stored link into a text file).
@@ -79,6 +81,7 @@ CONFIG_NAMES = ("logging.conf",)
 NOT_SHIPPED_CONFIGS = ("monailabel_train.json",)  # written by MONAI Label's multi-GPU training
 SKIPPED_PARTS = ("__pycache__",)  # plus every name starting with "." (.git, .venv*, .ipynb_checkpoints, ...)
 ROOT_FILES = ("LICENSE", "README.md", "pyproject.toml")
+RUNTIME_PACKAGE = "cpcl_bundle"  # the only code a release stores; cpcl_tools/ and scripts/ are tools
 REQUIRED = ("LICENSE", "configs/metadata.json", "configs/inference.json")
 LARGE_FILES = "large_files.yml"
 EVAL_METRICS = (
@@ -152,7 +155,7 @@ def check_bundle(bundle_root: str | os.PathLike) -> tuple[str, str]:
         )
     if version not in (meta.get("changelog") or {}):
         raise PackagingError(f"version {version!r} is not a key of the changelog in {meta_file}: add an entry")
-    from cpcl_bundle.metadata import classes_of, described_classes
+    from cpcl_tools.metadata import classes_of, described_classes
 
     try:
         config_classes, meta_classes = classes_of(root / "configs" / "inference.json"), described_classes(meta)
@@ -161,7 +164,7 @@ def check_bundle(bundle_root: str | os.PathLike) -> tuple[str, str]:
     if config_classes != meta_classes:
         raise PackagingError(
             f"{meta_file} describes the output channels as {meta_classes}, configs/inference.json's classes are"
-            f" {config_classes}: make them agree (cpcl_bundle.metadata.describe_classes)"
+            f" {config_classes}: make them agree (cpcl_tools.metadata.describe_classes)"
         )
     if not re.fullmatch(r"\d+\.\d+\.\d+", version):
         raise PackagingError(f"version {version!r} is not MAJOR.MINOR.PATCH")
@@ -202,8 +205,7 @@ def collect_files(
         and p.name not in NOT_SHIPPED_CONFIGS,
     )
     files += _walk(root, "docs", lambda p: True)
-    files += _walk(root, "cpcl_bundle", lambda p: p.suffix == ".py")
-    files += _walk(root, "scripts", lambda p: p.suffix == ".py")
+    files += _walk(root, RUNTIME_PACKAGE, lambda p: p.suffix == ".py")
     files.append(("models/model.pt", Path(model)))
     if torchscript is not None:
         files.append(("models/model.ts", Path(torchscript)))
@@ -290,9 +292,9 @@ def write_zip(zip_path: str | os.PathLike, top_folder: str, files: list[tuple[st
 
 
 def _with_classes(rel: str, src: Path | bytes, classes: list[str]) -> Path | bytes:
-    """The release's bytes of ``rel`` for a model with ``classes`` (:func:`cpcl_bundle.metadata.with_classes`:
+    """The release's bytes of ``rel`` for a model with ``classes`` (:func:`cpcl_tools.metadata.with_classes`:
     metadata.json describes them, inference.json and train.json carry them); every other file as it is."""
-    from cpcl_bundle.metadata import CLASS_CONFIGS, with_classes
+    from cpcl_tools.metadata import CLASS_CONFIGS, with_classes
 
     if rel != "configs/metadata.json" and rel not in CLASS_CONFIGS:
         return src

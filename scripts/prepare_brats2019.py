@@ -11,7 +11,7 @@ Input: the BraTS 2019 training release, ``<source_dir>/{HGG,LGG}/<case>/<case>_{
 core, 2 peritumoural oedema, 4 enhancing tumour). ``source_dir`` may also be the folder above
 ``MICCAI_BraTS_2019_Data_Training`` (or above any one folder holding ``HGG`` / ``LGG``).
 
-Output (``cpcl_bundle.prepare``): the FLAIR image and the seg of the cases of
+Output (``cpcl_tools.prepare``): the FLAIR image and the seg of the cases of
 ``configs/splits/brats2019/{train,val,test}.txt`` (the 250/25/60 split of SSL4MIS) as ``training``,
 ``validation`` and ``test``, each file with its own affine. The labels keep the data set's values 0, 1, 2, 4
 (uint8; the brats2019 preset maps them to the whole tumour, a multi-class preset can use the sub-regions); a
@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from cpcl_bundle.prepare import (  # noqa: E402
+from cpcl_tools.prepare import (  # noqa: E402
     PrepareError,
     case_entry,
     convert_all,

@@ -15,7 +15,7 @@ repository itself (the folder above ``data``). The arrays store the slice axis f
 affine's spacing entries are negative (not RAS); each file's array and affine are written unchanged (the
 bundle's ``Orientationd`` puts them in RAS, ``Invertd`` puts predictions back into this geometry).
 
-Output (``cpcl_bundle.prepare``): the 210 segmented cases, sorted by id, cut by a permutation seeded by
+Output (``cpcl_tools.prepare``): the 210 segmented cases, sorted by id, cut by a permutation seeded by
 ``--seed`` into ``training`` (150), ``validation`` (10) and ``test`` (50); with fewer cases present
 (``--allow_missing true``) the same 150:10:50 proportions, at least one validation and one test case. The
 labels keep the data set's values 0, 1, 2 (uint8; the kits19 preset maps kidney = 1 and 2, so a multi-class
@@ -39,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from cpcl_bundle.prepare import (  # noqa: E402
+from cpcl_tools.prepare import (  # noqa: E402
     PrepareError,
     case_entry,
     convert_all,

@@ -11,7 +11,7 @@ Input: ``<source_dir>/<case id>/mri_norm2.h5`` with ``image`` (float32, z-scored
 background, 1 left atrium), axes in the original NRRD (x, y, z) order, 0.625 mm isotropic voxels (not stored
 in the file). ``source_dir`` may also be the folder above ``2018LA_Seg_Training Set``.
 
-Output (``cpcl_bundle.prepare``): ``training`` = the cases of ``configs/splits/la2018/train.list`` (80),
+Output (``cpcl_tools.prepare``): ``training`` = the cases of ``configs/splits/la2018/train.list`` (80),
 ``test`` = those of ``test.list`` (20), both as they are found; ``--holdout N`` moves N seeded training cases
 to ``validation``. The image is written unchanged (float32, already normalised: the la2018 preset rescales
 nothing), the label as uint8, with the affine written explicitly: 0.625 mm, the NRRD axes taken as
@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from cpcl_bundle.prepare import (  # noqa: E402
+from cpcl_tools.prepare import (  # noqa: E402
     PrepareError,
     case_entry,
     check_label_values,

@@ -15,8 +15,8 @@ import pytest
 from fire.parser import DefaultParseValue
 from scipy import stats
 
-from cpcl_bundle import benchmark
-from cpcl_bundle.benchmark import Run, bundle_command, markdown_table, paired_tests, plan, summarise_runs
+from cpcl_tools import benchmark
+from cpcl_tools.benchmark import Run, bundle_command, markdown_table, paired_tests, plan, summarise_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -272,8 +272,8 @@ def test_a_cleared_setting_reaches_the_bundle_over_a_presets_value():
 def test_multiclass_runs_get_a_table_per_class(tmp_path):
     """Runs evaluated with three classes: collect() reads the per-class columns, summarise_runs() tests each
     against CPCL, and the table has the mean block then one block per class with that class's numbers."""
-    from cpcl_bundle.benchmark import collect, markdown_table, metrics_in, summarise_runs
     from cpcl_bundle.evaluation import metric_columns
+    from cpcl_tools.benchmark import collect, markdown_table, metrics_in, summarise_runs
 
     columns = metric_columns(["background", "kidney", "tumour"])
     rng = np.random.default_rng(0)

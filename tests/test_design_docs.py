@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DESIGN = ROOT / "docs" / "design"
+PACKAGES = ("cpcl_bundle", "cpcl_tools")  # the runtime and the tools
 
 #: A ``.md`` name in source text: path characters ending in ``.md`` (not ``hashlib.md5``).
 MD_NAME = re.compile(r"(?<![\w./-])([\w./-]+\.md)\b")
@@ -40,9 +41,10 @@ NOTES = {
 
 
 def _cited_names() -> list[tuple[str, str]]:
-    """``(source file, name)`` for every ``.md`` name in the Python sources of ``cpcl_bundle/`` and ``scripts/``."""
+    """``(source file, name)`` for every ``.md`` name in the Python sources of ``cpcl_bundle/``, ``cpcl_tools/`` and
+    ``scripts/``."""
     found = []
-    for folder in ("cpcl_bundle", "scripts"):
+    for folder in PACKAGES + ("scripts",):
         for path in sorted((ROOT / folder).rglob("*.py")):
             for name in MD_NAME.findall(path.read_text(encoding="utf-8")):
                 found.append((str(path.relative_to(ROOT)), name))
@@ -81,21 +83,23 @@ def test_design_note_exists_and_covers_its_subject(note):
 
 def test_architecture_note_lists_every_module():
     text = (DESIGN / "architecture.md").read_text(encoding="utf-8")
-    modules = sorted(p.name for p in (ROOT / "cpcl_bundle").glob("*.py") if p.name != "__init__.py")
-    assert not [m for m in modules if f"`{m}`" not in text], "modules of cpcl_bundle/ missing from architecture.md"
+    for package in PACKAGES:
+        modules = sorted(p.name for p in (ROOT / package).glob("*.py") if p.name != "__init__.py")
+        assert not [m for m in modules if f"`{m}`" not in text], f"modules of {package}/ missing from architecture.md"
     presets = sorted(p.stem for p in (ROOT / "configs" / "presets").glob("*.json"))
     assert not [p for p in presets if f"`{p}`" not in text], "presets missing from architecture.md"
 
 
 def test_cited_functions_exist():
-    """Every ```module.name``` of a cpcl_bundle module in the notes resolves (``terms.Step._teacher_pass`` too)."""
-    modules = {p.stem for p in (ROOT / "cpcl_bundle").glob("*.py")} - {"__init__"}
+    """Every ```module.name``` of a cpcl_bundle or cpcl_tools module in the notes resolves (``terms.Step._teacher_pass``
+    too)."""
+    modules = {p.stem: package for package in PACKAGES for p in (ROOT / package).glob("*.py") if p.stem != "__init__"}
     missing = []
     for path in sorted(DESIGN.glob("*.md")):
         for module, attr in re.findall(r"`([a-z_]+)\.([A-Za-z_][\w.]*)`", path.read_text(encoding="utf-8")):
             if module not in modules or attr in ("py", "json", "md"):
                 continue
-            obj = importlib.import_module(f"cpcl_bundle.{module}")
+            obj = importlib.import_module(f"{modules[module]}.{module}")
             try:
                 for part in attr.split("."):
                     obj = getattr(obj, part)

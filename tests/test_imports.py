@@ -1,15 +1,29 @@
 # Copyright (c) 2026 The CPCL bundle authors
 # SPDX-License-Identifier: Apache-2.0
-"""The package's import graph: no module imports one that imports it back (at module level or inside a function),
-the errors module is a leaf, and the package's lazy attribute list names every module."""
+"""The packages' import graphs: no module imports one that imports it back (at module level or inside a function),
+the errors module is a leaf, the runtime (``cpcl_bundle``) never imports a tool (``cpcl_tools``), and the package's
+lazy attribute list names every module."""
 
 import ast
 from pathlib import Path
 
 import cpcl_bundle
+import cpcl_tools
 
 PACKAGE = Path(cpcl_bundle.__file__).resolve().parent
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+TOOLS = Path(cpcl_tools.__file__).resolve().parent
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """The top-level names of every absolute import in ``path`` (``import a.b`` and ``from a.b import c``: ``a``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+    return found
 
 
 def imports_of(module: str) -> set[str]:
@@ -71,3 +85,11 @@ def test_errors_is_a_leaf_and_every_input_error_is_one_class():
 
 def test_the_lazy_attribute_list_names_every_module():
     assert sorted(set(cpcl_bundle.__all__) - {"BUNDLE_NAME", "__version__"}) == MODULES
+
+
+def test_the_runtime_never_imports_a_tool():
+    assert top_level_imports(TOOLS / "benchmark.py") >= {"cpcl_bundle"}  # the parser sees the tools' imports
+    offenders = [p.name for p in sorted(PACKAGE.glob("*.py")) if "cpcl_tools" in top_level_imports(p)]
+    assert not offenders, f"cpcl_bundle modules that import cpcl_tools: {offenders}"
+    tools = {p.stem for p in TOOLS.glob("*.py")} - {"__init__"}
+    assert tools == {"benchmark", "metadata", "plots", "prepare"} and not tools & set(MODULES)

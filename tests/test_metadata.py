@@ -1,13 +1,13 @@
 # Copyright (c) 2026 The CPCL bundle authors
 # SPDX-License-Identifier: Apache-2.0
-"""cpcl_bundle.metadata: the metadata's description of the output channels follows the configs' classes."""
+"""cpcl_tools.metadata: the metadata's description of the output channels follows the configs' classes."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from cpcl_bundle.metadata import CLASS_CONFIGS, classes_of, describe_classes, described_classes, with_classes
+from cpcl_tools.metadata import CLASS_CONFIGS, classes_of, describe_classes, described_classes, with_classes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 META = json.loads((CONFIGS / "metadata.json").read_text())

@@ -29,7 +29,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from cpcl_bundle import BUNDLE_NAME
-from cpcl_bundle.metadata import CLASS_CONFIGS, with_classes
+from cpcl_tools.metadata import CLASS_CONFIGS, with_classes
 
 pytestmark = [pytest.mark.monailabel, pytest.mark.slow]
 

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from cpcl_bundle.prepare import PrepareError
+from cpcl_tools.prepare import PrepareError
 from tests.helpers import load_script
 
 pack_device = load_script("pack_device")

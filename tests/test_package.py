@@ -22,8 +22,8 @@ import torch
 from monai.bundle import ConfigParser
 
 from cpcl_bundle import BUNDLE_NAME, __version__
-from cpcl_bundle.metadata import CLASS_CONFIGS
 from cpcl_bundle.synthetic import generate_case
+from cpcl_tools.metadata import CLASS_CONFIGS
 from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,8 +107,7 @@ def expected_files(bundle: Path) -> set[str]:
     files |= {f"configs/splits/brats2019/{n}.txt" for n in ("train", "val", "test")}
     files |= {p.relative_to(bundle).as_posix() for p in (bundle / "docs").rglob("*") if p.is_file()}
     files -= {"docs/.DS_Store"}
-    for package in ("cpcl_bundle", "scripts"):
-        files |= {f"{package}/{p.name}" for p in (bundle / package).glob("*.py")}
+    files |= {f"cpcl_bundle/{p.name}" for p in (bundle / "cpcl_bundle").glob("*.py")}  # the runtime, no tool
     return files
 
 
@@ -128,6 +127,7 @@ def test_zip_has_the_zoo_layout(bundle, release):
         stored = {n.split("/", 1)[1] for n in names}
         assert stored == expected_files(bundle)
         assert "metadata.json" not in stored and "configs/metadata.json" in stored
+        assert not [n for n in stored if n.split("/")[0] in ("scripts", "cpcl_tools", "tests")]  # no tool
         for rel in stored:  # same bytes as the sources (metadata.json included, models/model.pt too)
             assert zf.read(f"{BUNDLE_NAME}/{rel}") == (bundle / rel).read_bytes(), rel
     assert json.loads((bundle / "configs" / "metadata.json").read_text())["version"] == __version__
@@ -140,7 +140,7 @@ def test_same_inputs_give_the_same_sha1(bundle, release, tmp_path):
     for path in bundle.rglob("*"):
         if not path.is_symlink():
             os.utime(path, (later, later))
-    (bundle / "scripts" / "make_phantoms.py").chmod(0o755)
+    (bundle / "cpcl_bundle" / "synthetic.py").chmod(0o755)
     again = pkg.build(bundle, out_dir=tmp_path, check_weights_=False)
     print(f"sha1 first build {release.sha1}, second build {again.sha1}")
     assert again.sha1 == release.sha1

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from cpcl_bundle import plots
+from cpcl_tools import plots
 
 
 def _png(path):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from cpcl_bundle.prepare import shipped_split
+from cpcl_tools.prepare import shipped_split
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "prepare_la2018.py")

@@ -3,7 +3,7 @@
 """The benchmark's figures (PNG, matplotlib, no display needed): Dice box plots per method, training curves
 per run, the paper's Fig. 6 (prototype maps on one fixed slice through training) and qualitative overlays of
 predictions against the reference on test cases. Each function reads the benchmark's folders
-(:mod:`cpcl_bundle.benchmark`) and writes one PNG."""
+(:mod:`cpcl_tools.benchmark`) and writes one PNG."""
 
 from __future__ import annotations
 
