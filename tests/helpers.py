@@ -102,3 +102,8 @@ def load_script(name: str, module_name: str | None = None):
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+#: ``scripts/train_objects.py``: ``network_def``, ``optimizer``, ``loss`` and the LR handler as configs/train.json
+#: builds them (``ConfigParser``), so the tests train what the bundle trains.
+train_objects = load_script("train_objects")
