@@ -1,6 +1,7 @@
 # Copyright (c) 2026 The CPCL bundle authors
 # SPDX-License-Identifier: Apache-2.0
-"""Loss terms and schedules of CPCL (Eq. 1, 6, 10, 11, 12) and of the mean-teacher baseline.
+"""Loss terms and schedules of CPCL (Eq. 1, 6, 10, 11) and of the mean-teacher baseline; Eq. 12's supervised loss
+``L_s`` is ``loss`` in configs/train.json (MONAI's ``DiceCELoss``, 0.5 CE + 0.5 Dice).
 
 Every function here is pure: tensors in, tensors out. The prototype losses return ``(loss, classes)``:
 ``classes`` (``[K]`` bool) are the classes the term covered in this batch. **Decision** (multi-class, issue
@@ -18,7 +19,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
 
 from cpcl_bundle.prototypes import (
     masked_average_prototypes,
@@ -31,7 +31,6 @@ __all__ = [
     "PAPER_BETA",
     "PAPER_W_MAX",
     "PAPER_PROTOTYPE_SCALE",
-    "supervised_loss",
     "covers",
     "forward_prototype_loss",
     "backward_prototype_loss",
@@ -49,17 +48,6 @@ PAPER_BETA = 10.0
 PAPER_W_MAX = 0.1
 #: alpha of Eq. 5 and 9.
 PAPER_PROTOTYPE_SCALE = 20.0
-
-
-def supervised_loss(**kwargs) -> DiceCELoss:
-    """``L_s = 0.5 CE(Y_l, P_l) + 0.5 Dice(Y_l, P_l)`` (Eq. 12) as MONAI's :class:`~monai.losses.DiceCELoss`.
-
-    Defaults: one-hot targets from class indices, softmax on the logits, equal weights 0.5 / 0.5. Keyword
-    arguments override them (e.g. ``include_background=False`` for a foreground-only Dice).
-    """
-    options = {"to_onehot_y": True, "softmax": True, "lambda_dice": 0.5, "lambda_ce": 0.5}
-    options.update(kwargs)
-    return DiceCELoss(**options)
 
 
 def _zero(ref: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 # Copyright (c) 2026 The CPCL bundle authors
 # SPDX-License-Identifier: Apache-2.0
-"""The backbone (a 3D U-Net as a MONAI network) and the feature tap that gives CPCL its ``F``."""
+"""Hooks on the backbone (``network_def`` in configs/train.json, MONAI's ``BasicUNet``): the feature tap that gives
+CPCL its ``F``, and the reference code bases' dropout; neither changes the state dict."""
 
 from __future__ import annotations
 
@@ -8,22 +9,16 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import BasicUNet
 
 __all__ = [
-    "PAPER_FEATURES",
     "FEATURE_LAYERS",
     "DROPOUT_KINDS",
     "REFERENCE_DROPOUT_LAYERS",
-    "unet3d",
     "FeatureTap",
     "unwrap",
     "forward_with_features",
     "add_dropout",
 ]
-
-#: Channels of BasicUNet's five encoder levels and of the last decoder level.
-PAPER_FEATURES = (16, 32, 64, 128, 256, 16)
 
 #: Aliases for the layers whose output can serve as ``F``. ``encoder`` is the paper's choice (the last
 #: convolution of the encoder: 256 channels at 1/16 of the crop); ``decoder_half`` is the released code's
@@ -38,40 +33,6 @@ REFERENCE_DROPOUT_LAYERS = ("bottleneck", "decoder_full")
 #: ``"channel"``: whole feature maps (``Dropout3d``, the V-Net's); ``"element"``: single values (``Dropout``,
 #: SSL4MIS's ``unet_3D``).
 DROPOUT_KINDS = {"channel": F.dropout3d, "element": F.dropout}
-
-
-def unet3d(
-    spatial_dims: int = 3,
-    in_channels: int = 1,
-    out_channels: int = 2,
-    features: Sequence[int] = PAPER_FEATURES,
-    act: str | tuple = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
-    norm: str | tuple = ("instance", {"affine": True}),
-    dropout: float = 0.0,
-    upsample: str = "deconv",
-) -> BasicUNet:
-    """The segmentation backbone of every method: MONAI's :class:`~monai.networks.nets.BasicUNet`.
-
-    Why this network: the paper uses the 3D U-Net of Cicek et al. (2016) for all methods. BasicUNet is
-    MONAI's network of that design: per level two 3x3x3 convolutions with normalisation and activation,
-    2x2x2 max-pooling down, transposed convolution up, skip connections by concatenation, and every
-    convolution at full resolution on the first and last level (unlike MONAI's ``UNet``, whose first layer
-    is a strided residual unit). Channels 16-32-64-128-256 double per level as in Cicek et al. (who start at
-    32 with three poolings); the fourth pooling gives a 6^3 bottleneck for the paper's 96^3 crops, so a
-    patch side must be a multiple of 16. Instance normalisation replaces batch normalisation because each
-    forward sees two images per stream. The state dict is BasicUNet's own, so ``network_def`` in the
-    bundle configs is plain MONAI and a checkpoint loads into it unchanged (TorchScript, MONAI Label).
-    """
-    return BasicUNet(
-        spatial_dims=spatial_dims,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        features=tuple(features),
-        act=act,
-        norm=norm,
-        dropout=dropout,
-        upsample=upsample,
-    )
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:

@@ -9,9 +9,10 @@ One ``_iteration`` serves every method of :mod:`cpcl_bundle.methods`; it reads l
 The terms are units of :mod:`cpcl_bundle.terms`; a :class:`~cpcl_bundle.terms.Step` computes each forward
 pass they need once. The teacher is the exponential moving average of the student (Eq. 2) kept by Ignite's
 ``EMAHandler`` (momentum ``1 - ema_decay``), updated at ``ITERATION_COMPLETED`` after the optimizer step. The
-LR schedule (poly, power 0.9, per step) is MONAI's ``LrScheduleHandler`` with ``PolynomialLR`` in
-``train_handlers`` (:func:`paper_optimizer`, :func:`poly_lr_handler`); the Fig. 6 capture is
-:class:`cpcl_bundle.handlers.PrototypeMapHandler`; the numerical guard is :class:`cpcl_bundle.guard.NonFiniteGuard`.
+LR schedule (poly, power 0.9, per step) is MONAI's ``LrScheduleHandler`` stepping :func:`lr_scheduler` in
+``train_handlers``; it, the optimiser (SGD) and the supervised loss are ``lr_scheduler``, ``optimizer`` and ``loss``
+in configs/train.json, which builds them. The Fig. 6 capture is :class:`cpcl_bundle.handlers.PrototypeMapHandler`;
+the numerical guard is :class:`cpcl_bundle.guard.NonFiniteGuard`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from ignite.handlers import TimeLimit as _IgniteTimeLimit
 from ignite.metrics import Metric
 from monai.engines import Trainer, Workflow
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
-from monai.handlers import LrScheduleHandler
 from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import Transform
 from monai.utils import CommonKeys as Keys
@@ -40,17 +40,7 @@ from cpcl_bundle.networks import REFERENCE_DROPOUT_LAYERS, FeatureTap, add_dropo
 from cpcl_bundle.precision import amp_dtype, autocast, describe, grad_scaler
 from cpcl_bundle.terms import Step
 
-__all__ = [
-    "CPCLTrainer",
-    "StopAtIteration",
-    "TimeLimit",
-    "TERM_KEYS",
-    "attach_teacher",
-    "loss_terms",
-    "lr_scheduler",
-    "paper_optimizer",
-    "poly_lr_handler",
-]
+__all__ = ["CPCLTrainer", "StopAtIteration", "TimeLimit", "TERM_KEYS", "attach_teacher", "loss_terms", "lr_scheduler"]
 
 #: Scalars every iteration puts in ``engine.state.output``; each term adds ``loss_<name>`` and its own.
 TERM_KEYS = ("loss", "loss_sup", "lambda", "lr", "skipped_nonfinite")
@@ -73,11 +63,6 @@ def loss_terms(output: Any) -> dict[str, float]:
     return scalars
 
 
-def paper_optimizer(parameters: Iterable, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 1e-4):
-    """The paper's optimiser: SGD, momentum 0.9, weight decay 1e-4, learning rate 0.01."""
-    return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
 def lr_scheduler(
     optimizer: torch.optim.Optimizer,
     kind: str = "poly",
@@ -94,11 +79,6 @@ def lr_scheduler(
     if kind == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=int(step_size), gamma=gamma)
     raise ValueError(f"unknown learning-rate schedule {kind!r}: expected 'poly' or 'step'")
-
-
-def poly_lr_handler(optimizer: torch.optim.Optimizer, total_steps: int, power: float = 0.9) -> LrScheduleHandler:
-    """Poly decay ``lr_t = lr_0 (1 - t / T)^0.9`` stepped every iteration, as MONAI's ``LrScheduleHandler``."""
-    return LrScheduleHandler(lr_scheduler(optimizer, "poly", total_steps, power), print_lr=False, epoch_level=False)
 
 
 class StopAtIteration:

@@ -7,8 +7,9 @@ with the naive prototype computation, in fp32, in mixed precision, or both.
     python scripts/bench_step.py --patch 64 --steps 5 --amp false    # fp32 only (default: amp, as train.json)
     python scripts/bench_step.py --device cuda --amp true --patch 112 112 80
 
-Each variant runs in its own process (so the peak memory is its own): the paper's U-Net, batch 2 labeled
-+ 2 unlabeled, SGD, random inputs with a cube label, the trainer's ``amp`` (:mod:`cpcl_bundle.precision`: bf16
+Each variant runs in its own process (so the peak memory is its own): ``configs/train.json``'s ``network_def``,
+``optimizer`` and ``loss`` (built by :mod:`cpcl_tools.train_objects`), batch 2 labeled + 2 unlabeled, random inputs
+with a cube label, the trainer's ``amp`` (:mod:`cpcl_bundle.precision`: bf16
 autocast on a CPU or GPU that has it, fp16 on an older GPU, fp32 on a CPU without bf16) and, on CUDA,
 ``cudnn.benchmark`` as ``configs/train.json`` sets it. With ``--amp both`` each variant runs in fp32 and then in
 mixed precision, back to back, so their ratio is measured under the same load. Printed: median step time, peak
@@ -40,6 +41,7 @@ if ROOT not in sys.path:
 
 from cpcl_bundle import losses  # noqa: E402
 from cpcl_bundle.validation import as_bool  # noqa: E402
+from cpcl_tools import train_objects  # noqa: E402
 
 _MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
@@ -141,17 +143,16 @@ def measure(
     from ignite.engine import Events
     from torch.utils.data import DataLoader
 
-    from cpcl_bundle.networks import unet3d
     from cpcl_bundle.precision import describe
-    from cpcl_bundle.trainer import CPCLTrainer, paper_optimizer
+    from cpcl_bundle.trainer import CPCLTrainer
 
     dev = torch.device(device)
     size = patch_size(patch)
     torch.backends.cudnn.benchmark = True  # fixed crops, as configs/train.json sets it (no effect on a CPU)
     torch.manual_seed(0)
     method = "cpcl" if variant == "cpcl_naive" else variant
-    net = (unet3d() if features is None else unet3d(features=tuple(int(f) for f in features))).to(dev)
-    opt = paper_optimizer(net.parameters())
+    net = train_objects.network_def(**({} if features is None else {"features": [int(f) for f in features]})).to(dev)
+    opt = train_objects.optimizer(net)
     labeled = DataLoader(_data(2, size), batch_size=2)
     unlabeled = DataLoader(_data(2, size, with_label=False), batch_size=2)
     trainer = CPCLTrainer(
@@ -160,7 +161,7 @@ def measure(
         labeled,
         net,
         opt,
-        losses.supervised_loss(),
+        train_objects.loss(),
         unlabeled_data_loader=unlabeled,
         method=method,
         decollate=False,
@@ -264,8 +265,8 @@ def main(
 ) -> None:
     """Time every variant (a method of ``cpcl_bundle.methods.METHODS``, or ``cpcl_naive``) and print the table
     (markdown); ``amp``: ``true`` (the device's mixed precision, as ``configs/train.json``), ``false`` (fp32) or
-    ``both``; ``features``: the U-Net's channels (default the paper's 16-256; smaller for a quick check of the
-    code paths); ``isolate``: each variant in a process of its own (default on a CPU, where a process's peak RSS
+    ``both``; ``features``: the U-Net's channels (default ``network_def``'s, the paper's 16-256; smaller for a quick check
+    of the code paths); ``isolate``: each variant in a process of its own (default on a CPU, where a process's peak RSS
     is the only peak there is; on CUDA the peak is reset per variant and one process saves the start-ups);
     ``output`` also saves JSON."""
     names = [v.strip() for v in (variants.split(",") if isinstance(variants, str) else variants)]

@@ -1,11 +1,11 @@
 # Copyright (c) 2026 The CPCL bundle authors
 # SPDX-License-Identifier: Apache-2.0
-"""Shared fixtures: tiny deterministic tensors and a tiny U-Net (all CPU)."""
+"""Shared fixtures: tiny deterministic tensors and a tiny U-Net (train.json's ``network_def``; all CPU)."""
 
 import pytest
 import torch
 
-from cpcl_bundle.networks import unet3d
+from cpcl_tools import train_objects
 from tests.helpers import TINY_FEATURES
 
 
@@ -17,7 +17,7 @@ def _seed():
 
 @pytest.fixture
 def tiny_net():
-    return unet3d(features=TINY_FEATURES)
+    return train_objects.network_def(features=TINY_FEATURES)
 
 
 @pytest.fixture(scope="session")

@@ -40,9 +40,9 @@ from cpcl_bundle.baselines import (
     uamt_threshold,
 )
 from cpcl_bundle.methods import METHODS
-from cpcl_bundle.networks import unet3d
 from cpcl_bundle.terms import TERMS, Step
-from cpcl_bundle.trainer import CPCLTrainer, paper_optimizer
+from cpcl_bundle.trainer import CPCLTrainer
+from cpcl_tools import train_objects
 from tests.helpers import TINY_FEATURES, blob_batch
 
 LN2 = math.log(2.0)
@@ -361,7 +361,7 @@ def test_dtml_loss_and_auxiliary_dice(tiny_net):
 
     sdf_net = term.module
     assert sdf_net.final_conv.out_channels == 1  # K - 1 signed distances
-    assert set(tiny_net.state_dict()) == set(unet3d(features=TINY_FEATURES).state_dict())
+    assert set(tiny_net.state_dict()) == set(train_objects.network_def(features=TINY_FEATURES).state_dict())
     assert not {id(p) for p in sdf_net.parameters()} & {id(p) for p in tiny_net.parameters()}
     assert all(m is not sdf_net for m in tiny_net.modules())
 
@@ -408,7 +408,7 @@ def make_trainer(net, method, n_labeled=2, loss_function=None, **kwargs):
         max_epochs=1,
         train_data_loader=labeled,
         network=net,
-        optimizer=paper_optimizer(net.parameters()),
+        optimizer=train_objects.optimizer(net),
         loss_function=loss_function or (lambda pred, target: pred.sum() * 0.0),
         unlabeled_data_loader=unlabeled,
         method=method,
@@ -471,7 +471,7 @@ def test_nothing_leaks_into_the_exported_network(tiny_net, method):
     trainer = make_trainer(tiny_net, method, n_labeled=4)
     trainer.run()
     assert trainer.state.iteration == 2
-    fresh = unet3d(features=TINY_FEATURES)
+    fresh = train_objects.network_def(features=TINY_FEATURES)
     assert list(tiny_net.state_dict()) == list(fresh.state_dict())
     fresh.load_state_dict(tiny_net.state_dict(), strict=True)
     modules = list(tiny_net.modules())

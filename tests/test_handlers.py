@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader
 
 from cpcl_bundle import handlers as handlers_module
 from cpcl_bundle.handlers import PANELS, PrototypeMapHandler, map_panels, pick_slice, probe_maps
-from cpcl_bundle.losses import supervised_loss
-from cpcl_bundle.trainer import CPCLTrainer, paper_optimizer
+from cpcl_bundle.trainer import CPCLTrainer
+from cpcl_tools import train_objects
 from tests.helpers import blob_batch
 
 
@@ -23,8 +23,8 @@ def cpcl_trainer(net, max_epochs: int = 1, **kwargs) -> CPCLTrainer:
         max_epochs,
         DataLoader(blob_batch(2, seed=1), batch_size=2),
         net,
-        paper_optimizer(net.parameters()),
-        supervised_loss(),
+        train_objects.optimizer(net),
+        train_objects.loss(),
         unlabeled_data_loader=DataLoader(blob_batch(2, seed=2, with_label=False), batch_size=2),
         method="cpcl",
         **kwargs,
@@ -72,8 +72,8 @@ def test_fixed_probe_follows_one_slice_through_training(tiny_net, tmp_path):
         2,
         labeled,
         tiny_net,
-        paper_optimizer(tiny_net.parameters()),
-        supervised_loss(),
+        train_objects.optimizer(tiny_net),
+        train_objects.loss(),
         unlabeled_data_loader=unlabeled,
         method="cpcl",
         train_handlers=[handler],

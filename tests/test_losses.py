@@ -17,10 +17,10 @@ from cpcl_bundle.losses import (
     gaussian_rampup,
     sigmoid_rampup,
     softmax_mse_consistency,
-    supervised_loss,
 )
 from cpcl_bundle.networks import forward_with_features
 from cpcl_bundle.prototypes import prototype_probabilities
+from cpcl_tools import train_objects
 from tests.test_prototypes import brute_probabilities, brute_prototypes
 
 
@@ -49,7 +49,7 @@ def test_supervised_loss_is_half_ce_half_dice():
 
     dice = DiceLoss(to_onehot_y=True, softmax=True)(logits, labels)
     ce = F.cross_entropy(logits, labels[:, 0])
-    assert supervised_loss()(logits, labels).item() == pytest.approx((0.5 * dice + 0.5 * ce).item(), rel=1e-5)
+    assert train_objects.loss()(logits, labels).item() == pytest.approx((0.5 * dice + 0.5 * ce).item(), rel=1e-5)
 
 
 def _inputs(k=2, b=2):

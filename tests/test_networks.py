@@ -6,7 +6,9 @@ import pytest
 import torch
 from monai.networks.nets import BasicUNet
 
-from cpcl_bundle.networks import FeatureTap, forward_with_features, unet3d, unwrap
+from cpcl_bundle.networks import FeatureTap, forward_with_features, unwrap
+from cpcl_tools import train_objects
+from tests.helpers import TINY_FEATURES
 
 
 def test_feature_tap_leaves_state_dict_unchanged(tiny_net):
@@ -22,7 +24,8 @@ def test_feature_tap_leaves_state_dict_unchanged(tiny_net):
 
 def test_checkpoint_of_tapped_network_loads_into_plain_basicunet(tiny_net):
     forward_with_features(tiny_net, torch.randn(1, 1, 32, 32, 32), "decoder_half")
-    plain = BasicUNet(3, 1, 2, features=(4, 4, 8, 8, 16, 4))
+    plain = train_objects.network_def(features=TINY_FEATURES)  # what inference and export build
+    assert type(plain) is BasicUNet
     plain.load_state_dict(tiny_net.state_dict(), strict=True)
     x = torch.randn(1, 1, 32, 32, 32)
     assert torch.equal(plain.eval()(x), tiny_net.eval()(x))
@@ -42,7 +45,7 @@ def test_unknown_layer_names_the_choices(tiny_net):
 
 
 def test_paper_backbone_shapes():
-    net = unet3d()
+    net = train_objects.network_def()
     assert net.down_4.convs.conv_1.conv.out_channels == 256 and net.conv_0.conv_0.conv.out_channels == 16
     assert unwrap(torch.nn.DataParallel(net)) is net
 
@@ -54,7 +57,7 @@ def test_dropout_hooks_are_the_references_dropout_and_leave_the_weights_alone(ti
     state dict loads strictly into the plain network (and its TorchScript form)."""
     from cpcl_bundle.networks import add_dropout
 
-    plain = unet3d(features=(4, 4, 8, 8, 16, 4))
+    plain = train_objects.network_def(features=TINY_FEATURES)
     plain.load_state_dict(tiny_net.state_dict())
     seen = {}
     for layer in ("down_4", "upcat_1"):  # registered first: sees the layer's own output
@@ -84,7 +87,7 @@ def test_dropout_hooks_are_the_references_dropout_and_leave_the_weights_alone(ti
     for handle in always + handles:
         handle.remove()
     assert set(tiny_net.state_dict()) == set(plain.state_dict())
-    scripted = torch.jit.script(unet3d(features=(4, 4, 8, 8, 16, 4)))
+    scripted = torch.jit.script(train_objects.network_def(features=TINY_FEATURES))
     scripted.load_state_dict(tiny_net.state_dict(), strict=True)
 
 

@@ -182,11 +182,10 @@ def test_terms_with_their_own_state_or_randomness_resume_exactly(method, amp, pr
     from ignite.engine import Events
     from torch.utils.data import DataLoader
 
-    from cpcl_bundle.losses import supervised_loss
-    from cpcl_bundle.networks import unet3d
     from cpcl_bundle.precision import cpu_has_bf16
     from cpcl_bundle.resume import ResumeCheckpoint
-    from cpcl_bundle.trainer import CPCLTrainer, paper_optimizer
+    from cpcl_bundle.trainer import CPCLTrainer
+    from cpcl_tools import train_objects
     from tests.helpers import TINY_FEATURES, blob_batch
 
     if amp and not cpu_has_bf16():
@@ -194,8 +193,8 @@ def test_terms_with_their_own_state_or_randomness_resume_exactly(method, amp, pr
 
     def trainer(folder, resume=False, stop_at=None, amp=amp):
         torch.manual_seed(int(resume))  # a resumed run starts from other weights and RNG: the checkpoint restores all
-        net = unet3d(features=TINY_FEATURES)
-        optimizer = paper_optimizer(net.parameters())
+        net = train_objects.network_def(features=TINY_FEATURES)
+        optimizer = train_objects.optimizer(net)
         handler = ResumeCheckpoint(
             folder, interval=2, objects={"optimizer": optimizer, "rng": TrainingRNG()}, resume=resume
         )
@@ -205,7 +204,7 @@ def test_terms_with_their_own_state_or_randomness_resume_exactly(method, amp, pr
             DataLoader(blob_batch(2, seed=1), batch_size=2),
             net,
             optimizer,
-            supervised_loss(),
+            train_objects.loss(),
             train_handlers=[handler],
             amp=amp,
             method=method,

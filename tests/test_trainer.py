@@ -10,15 +10,15 @@ from ignite.engine import Events
 from monai.engines import IterationEvents
 from torch.utils.data import DataLoader
 
-from cpcl_bundle.losses import supervised_loss
-from cpcl_bundle.trainer import TERM_KEYS, CPCLTrainer, loss_terms, paper_optimizer, poly_lr_handler
+from cpcl_bundle.trainer import TERM_KEYS, CPCLTrainer, loss_terms
+from cpcl_tools import train_objects
 from tests.helpers import blob_batch
 
 
 def make_trainer(net, method, max_epochs=1, n_labeled=2, lr=0.01, loss_function=None, handlers=None, **kwargs):
     labeled = DataLoader(blob_batch(n_labeled, seed=1), batch_size=2)
     unlabeled = DataLoader(blob_batch(4, seed=2, with_label=False), batch_size=2, shuffle=False)
-    optimizer = paper_optimizer(net.parameters(), lr=lr)
+    optimizer = train_objects.optimizer(net, learning_rate=lr)
     handlers = handlers or []
     return CPCLTrainer(
         device="cpu",  # a plain string, as MONAI Label passes it
@@ -26,7 +26,7 @@ def make_trainer(net, method, max_epochs=1, n_labeled=2, lr=0.01, loss_function=
         train_data_loader=labeled,
         network=net,
         optimizer=optimizer,
-        loss_function=loss_function or supervised_loss(),
+        loss_function=loss_function or train_objects.loss(),
         train_handlers=handlers,
         unlabeled_data_loader=unlabeled,
         method=method,
@@ -109,8 +109,8 @@ def test_supervised_needs_no_teacher_and_no_unlabeled_data(tiny_net):
         2,
         labeled,
         tiny_net,
-        paper_optimizer(tiny_net.parameters()),
-        supervised_loss(),
+        train_objects.optimizer(tiny_net),
+        train_objects.loss(),
         unlabeled_data_loader=Exploding(),
         method="supervised",
     )
@@ -131,7 +131,7 @@ def test_poly_lr_per_step(tiny_net):
     optimizer_holder = {}
     net = tiny_net
     labeled = DataLoader(blob_batch(2), batch_size=2)
-    opt = paper_optimizer(net.parameters())
+    opt = train_objects.optimizer(net)
     optimizer_holder["opt"] = opt
     trainer = CPCLTrainer(
         "cpu",
@@ -139,9 +139,9 @@ def test_poly_lr_per_step(tiny_net):
         labeled,
         net,
         opt,
-        supervised_loss(),
+        train_objects.loss(),
         method="supervised",
-        train_handlers=[poly_lr_handler(opt, total_steps=10)],
+        train_handlers=[train_objects.lr_handler(opt, max_iterations=10)],
     )
     trainer.run()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * (1 - 4 / 10) ** 0.9)
@@ -170,7 +170,7 @@ def test_prototype_terms_train_the_encoder_only_with_prototype_grad(tiny_net, pr
 def test_missing_unlabeled_loader_is_an_error(tiny_net):
     labeled = DataLoader(blob_batch(2), batch_size=2)
     with pytest.raises(ValueError, match="needs unlabeled data"):
-        CPCLTrainer("cpu", 1, labeled, tiny_net, paper_optimizer(tiny_net.parameters()), supervised_loss())
+        CPCLTrainer("cpu", 1, labeled, tiny_net, train_objects.optimizer(tiny_net), train_objects.loss())
 
 
 @pytest.mark.parametrize("max_iterations,epochs_completed", [(3, 1), (4, 2)])
@@ -190,7 +190,7 @@ def test_non_finite_steps_never_touch_the_weights_and_stop_the_run(tiny_net):
 
     def flaky_loss(pred, target):
         calls["n"] += 1
-        loss = supervised_loss()(pred, target)
+        loss = train_objects.loss()(pred, target)
         return loss * float("nan") if calls["n"] >= 2 else loss  # finite once, then NaN forever
 
     trainer = make_trainer(tiny_net, "cpcl", max_epochs=10, loss_function=flaky_loss, max_nonfinite_steps=3)
@@ -262,7 +262,7 @@ def test_lr_schedules_stepped_per_iteration(tiny_net, kind, expected):
     """``lr_scheduler``: the paper's poly decay over the run, or UA-MT's and DTML's x0.1 every ``step_size`` steps."""
     from cpcl_bundle.trainer import lr_scheduler
 
-    optimizer = paper_optimizer(tiny_net.parameters())
+    optimizer = train_objects.optimizer(tiny_net)
     scheduler = lr_scheduler(optimizer, kind, total_steps=10, step_size=4, gamma=0.1)
     lrs = []
     for _ in range(10):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from cpcl_bundle.networks import unet3d
 from cpcl_bundle.validation import InputError, check_case, check_checkpoint, check_writable, preflight
+from cpcl_tools import train_objects
 from tests.helpers import TINY_FEATURES
 
 AFFINE = np.diag([0.8, 0.8, 3.0, 1.0])
@@ -104,9 +104,9 @@ def test_preflight_collects_every_problem(good, tmp_path):
 
 
 def test_checkpoint_from_another_network_is_named(tmp_path):
-    net = unet3d(features=TINY_FEATURES)
+    net = train_objects.network_def(features=TINY_FEATURES)
     path = tmp_path / "model.pt"
-    torch.save(unet3d(features=(8, 8, 16, 16, 32, 8)).state_dict(), path)
+    torch.save(train_objects.network_def(features=(8, 8, 16, 16, 32, 8)).state_dict(), path)
     with pytest.raises(InputError, match="checkpoint is from a different network"):
         check_checkpoint(path, net)
     torch.save(net.state_dict(), path)
@@ -178,7 +178,7 @@ def test_the_cli_ends_with_the_problem_list_and_status_1(workflow, problem, tmp_
     cmd += ["--dataset_dir", str(dataset), "--output_dir", str(tmp_path / "out"), "--ckpt_dir", str(tmp_path)]
     cmd += ["--max_iterations", "1"]  # should the check miss the problem, the run still ends soon
     if workflow == "evaluate":
-        torch.save(unet3d().state_dict(), tmp_path / "model.pt")
+        torch.save(train_objects.network_def().state_dict(), tmp_path / "model.pt")
     env = {**os.environ, "CPCL_TRACEBACK": "0"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     lines = (proc.stdout + proc.stderr).strip().splitlines()
