@@ -17,19 +17,17 @@ the numerical guard is :class:`cpcl_bundle.guard.NonFiniteGuard`.
 
 from __future__ import annotations
 
+import inspect
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from ignite.engine import Engine, EventEnum, Events
+from ignite.engine import Engine, Events
 from ignite.handlers import EMAHandler
 from ignite.handlers import TimeLimit as _IgniteTimeLimit
-from ignite.metrics import Metric
-from monai.engines import Trainer, Workflow
-from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
-from monai.inferers import Inferer, SimpleInferer
-from monai.transforms import Transform
+from monai.engines import SupervisedTrainer, Workflow
+from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
 from cpcl_bundle.data import CyclingLoader
@@ -144,12 +142,22 @@ def attach_teacher(
     return ema, teacher
 
 
-class CPCLTrainer(Trainer):
+#: SupervisedTrainer's signature (MONAI's, whatever its version): CPCLTrainer takes these arguments, in this order.
+_SUPERVISED = inspect.signature(SupervisedTrainer)
+
+
+class CPCLTrainer(SupervisedTrainer):
     """Semi-supervised trainer for CPCL and the methods it is compared with (Xu et al., JBHI 2022).
 
-    The constructor takes SupervisedTrainer's arguments in the same order (so bundle configs and MONAI
-    Label drive it the same way: ``max_epochs``, ``train_data_loader``, ``train_handlers``, ``device`` as a
-    string or ``torch.device``) and then:
+    The constructor takes every argument of MONAI's SupervisedTrainer, in its order (positionally or by name, so
+    bundle configs and MONAI Label drive it the same way: ``max_epochs``, ``train_data_loader``,
+    ``train_handlers``, ``device`` as a string or ``torch.device``); they are bound against SupervisedTrainer's
+    own signature and passed on, so its defaults and any argument a newer MONAI adds apply here unchanged
+    (``inspect.signature(CPCLTrainer)`` lists them). Two it cannot honour are refused with a ``ValueError``:
+    ``compile=True`` (the terms and the dropout reach the network's layers by name, through hooks, and the
+    teacher is a copy of the network: ``torch.compile``'s wrapper would rename and copy them) and
+    ``accumulation_steps > 1`` (the teacher's EMA update, the ramp-up, the terms' state and the non-finite guard
+    act once per iteration, not once per optimizer step). Then, by name only:
 
     Args:
         unlabeled_data_loader: loader of unlabeled images (``{"image": ...}`` batches), cycled independently of
@@ -169,9 +177,6 @@ class CPCLTrainer(Trainer):
         rampup: ``"gaussian"`` (Eq. 11), ``"sigmoid"`` (MT code bases) or ``"constant"``.
         rampup_length: ``t_max`` in steps (in units of ``rampup_step_size``); default the whole run.
         rampup_step_size: evaluate the ramp-up on ``t // rampup_step_size`` (UA-MT uses 150).
-        amp: mixed precision (:mod:`cpcl_bundle.precision`): the networks' forward passes under autocast in bf16 on
-            a GPU or CPU that has it (fp16 with a ``GradScaler`` on an older GPU; fp32 on a CPU without bf16), the
-            prototypes and every loss in fp32. ``amp_kwargs["dtype"]`` picks the dtype instead.
         stability: add the mean-teacher consistency term ``mt`` to the method: Table II's MT-F-PCL, MT-B-PCL and
             MT-C-PCL (``mt_cpcl`` is CPCL with it). The released code's own "stability" loss (raw-logit MSE
             over all four images) is the term ``stability_released`` of the method ``cpcl_released``.
@@ -181,33 +186,16 @@ class CPCLTrainer(Trainer):
         term_options: the terms' knobs (``beta``, ``prototype_scale``, ``prototype_grad``, ``feature_layer``,
             ``noise_std``, ...; :func:`cpcl_bundle.terms.term_options` lists them), each given to the terms of
             the method that take it; a method's own settings win (``cpcl_released`` stays the released code).
+            SupervisedTrainer's arguments given by name are taken out first.
+
+    SupervisedTrainer's ``amp`` means mixed precision here (:mod:`cpcl_bundle.precision`): the networks' forward
+    passes under autocast in bf16 on a GPU or CPU that has it (fp16 with a ``GradScaler`` on an older GPU; fp32 on
+    a CPU without bf16), the prototypes and every loss in fp32. ``amp_kwargs["dtype"]`` picks the dtype instead.
     """
 
     def __init__(
         self,
-        device: str | torch.device,
-        max_epochs: int,
-        train_data_loader: Iterable,
-        network: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        loss_function: Callable,
-        epoch_length: int | None = None,
-        non_blocking: bool = False,
-        prepare_batch: Callable = default_prepare_batch,
-        iteration_update: Callable[[Engine, Any], Any] | None = None,
-        inferer: Inferer | None = None,
-        postprocessing: Transform | None = None,
-        key_train_metric: dict[str, Metric] | None = None,
-        additional_metrics: dict[str, Metric] | None = None,
-        metric_cmp_fn: Callable = default_metric_cmp_fn,
-        train_handlers: Sequence | None = None,
-        amp: bool = False,
-        event_names: list[str | EventEnum | type[EventEnum]] | None = None,
-        event_to_attr: dict | None = None,
-        decollate: bool = True,
-        optim_set_to_none: bool = False,
-        to_kwargs: dict | None = None,
-        amp_kwargs: dict | None = None,
+        *args: Any,
         unlabeled_data_loader: Iterable | None = None,
         method: str | Method = "cpcl",
         teacher: torch.nn.Module | EMAHandler | None = None,
@@ -225,32 +213,29 @@ class CPCLTrainer(Trainer):
         max_nonfinite_steps: int = 5,
         **term_options: Any,
     ) -> None:
-        super().__init__(
-            device=device,
-            max_epochs=max_epochs,
-            data_loader=train_data_loader,
-            epoch_length=epoch_length,
-            non_blocking=non_blocking,
-            prepare_batch=prepare_batch,
-            iteration_update=iteration_update,
-            postprocessing=postprocessing,
-            key_metric=key_train_metric,
-            additional_metrics=additional_metrics,
-            metric_cmp_fn=metric_cmp_fn,
-            handlers=None,  # registered below, after the EMA update, so they see this step's teacher
-            amp=amp,
-            event_names=event_names,
-            event_to_attr=event_to_attr,
-            decollate=decollate,
-            to_kwargs=to_kwargs,
-            amp_kwargs=amp_kwargs,
-        )
-        self.network, self.optimizer, self.loss_function = network, optimizer, loss_function
+        supervised = {name: term_options.pop(name) for name in _SUPERVISED.parameters if name in term_options}
+        bound = _SUPERVISED.bind(*args, **supervised)  # missing or surplus arguments fail here, as in SupervisedTrainer
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        if arguments.get("compile"):
+            raise ValueError(
+                "CPCLTrainer does not support compile=True: the method's terms and the dropout reach the network's "
+                "layers by name through hooks and the teacher is a copy of the network; torch.compile's wrapper "
+                "renames the layers ('_orig_mod.') and would be copied: leave compile off"
+            )
+        if int(arguments.get("accumulation_steps", 1)) > 1:
+            raise ValueError(
+                f"CPCLTrainer does not support accumulation_steps={arguments['accumulation_steps']}: the teacher's "
+                "EMA update, the ramp-up, the terms' state and the non-finite guard act at every iteration, not at "
+                "every optimizer step; use a larger batch (or accumulation_steps=1)"
+            )
+        train_handlers = arguments.pop("train_handlers")
+        # handlers are registered below, after the EMA update, so they see this step's teacher
+        super().__init__(**arguments, train_handlers=None)
+        network, amp, amp_kwargs = self.network, arguments["amp"], arguments["amp_kwargs"]
         self.amp_dtype = amp_dtype(self.state.device, amp, amp_kwargs)
         self.scaler = grad_scaler(self.state.device, self.amp_dtype)
         self.logger.info(f"precision of the forward passes: {describe(self.amp_dtype)}")
-        self.inferer = SimpleInferer() if inferer is None else inferer
-        self.optim_set_to_none = optim_set_to_none
         self.method = get_method(method, stability=stability)
         schedule = {"rampup": rampup, "rampup_length": rampup_length, "rampup_step_size": rampup_step_size}
         schedule.update({k: v for k, v in self.method.options.items() if k in TRAINER_OPTIONS})
@@ -396,3 +381,14 @@ class CPCLTrainer(Trainer):
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         engine.state.step = None
         return engine.state.output  # decollated and post-processed at MODEL_COMPLETED (MONAI Workflow)
+
+
+def _full_signature() -> inspect.Signature:
+    """CPCLTrainer's signature as callers see it: SupervisedTrainer's parameters, then the keyword-only ones."""
+    own = inspect.signature(CPCLTrainer.__init__)
+    params = list(own.parameters.values())
+    keyword_only = [p for p in params if p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD)]
+    return own.replace(parameters=[params[0], *_SUPERVISED.parameters.values(), *keyword_only])
+
+
+CPCLTrainer.__init__.__signature__ = _full_signature()  # type: ignore[attr-defined]

@@ -18,6 +18,8 @@ from ignite.engine import Engine
 from medpy.metric import binary as medpy_binary
 from monai.data import MetaTensor
 from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance, compute_iou
+from monai.metrics.utils import get_mask_edges, get_surface_distance
+from scipy import ndimage
 
 from cpcl_bundle.evaluation import (
     DEFINITIONS,
@@ -192,6 +194,61 @@ def test_crop_is_exact_for_small_objects_in_a_large_volume():
     ref[40:47, 0:6, 20:30] = True
     assert hd95_paper(pred, ref, SPACING) == pytest.approx(medpy_binary.hd95(pred, ref, SPACING), abs=1e-6)
     assert asd_paper(ref, pred, SPACING) == pytest.approx(medpy_binary.asd(ref, pred, SPACING), abs=1e-6)
+
+
+def _odd_pairs() -> list[tuple[np.ndarray, np.ndarray, tuple]]:
+    """Masks on odd grids with anisotropic spacing: random speckle (many single voxels, most on the volume's edge),
+    grids one voxel thick along an axis, 2-D, single voxels in opposite corners, a full volume (its surface is
+    the volume's edge) against one voxel, and boxes flush with the edges."""
+    rng = np.random.default_rng(7)
+    pairs = []
+    for shape, spacing in (((7, 5, 3), (0.7, 0.8, 3.0)), ((1, 6, 4), (2.5, 0.6, 1.1)), ((9, 9), (0.7, 3.0))):
+        for _ in range(3):
+            pairs.append((rng.random(shape) < 0.3, rng.random(shape) < 0.2, spacing))
+    corner_a, corner_b = np.zeros((6, 5, 4), dtype=bool), np.zeros((6, 5, 4), dtype=bool)
+    corner_a[0, 0, 0] = corner_b[-1, -1, -1] = True
+    pairs.append((corner_a, corner_b, (0.5, 1.5, 4.0)))
+    full, voxel = np.ones((6, 5, 4), dtype=bool), np.zeros((6, 5, 4), dtype=bool)
+    voxel[2, 3, 1] = True
+    pairs += [(full, voxel, (0.9, 1.3, 2.2)), (voxel, full, (0.9, 1.3, 2.2)), (full, full, (0.9, 1.3, 2.2))]
+    box_a, box_b = np.zeros((12, 10, 8), dtype=bool), np.zeros((12, 10, 8), dtype=bool)
+    box_a[:5, 3:, :] = True
+    box_b[4:, :7, 6:] = True
+    pairs.append((box_a, box_b, (0.7, 0.8, 3.0)))
+    return pairs
+
+
+ODD_PAIRS = _odd_pairs()
+
+
+@pytest.mark.parametrize("index", range(len(ODD_PAIRS)))
+def test_paper_definitions_equal_medpy_bit_for_bit_on_odd_shapes(index):
+    """Edges, single voxels, flat and 2-D grids, anisotropic spacing: the same numbers as medpy, to the last bit
+    (the surfaces from MONAI's get_mask_edges, the distances from scipy in float64 as medpy computes them)."""
+    pred, ref, spacing = ODD_PAIRS[index]
+    assert pred.any() and ref.any()
+    medpy_distances = vars(medpy_binary)["__surface_distances"](pred, ref, spacing)
+    np.testing.assert_array_equal(surface_distances(pred, ref, spacing), medpy_distances)
+    assert hd95_paper(pred, ref, spacing) == medpy_binary.hd95(pred, ref, voxelspacing=spacing)
+    assert asd_paper(pred, ref, spacing) == medpy_binary.asd(pred, ref, voxelspacing=spacing)
+    assert asd_paper(ref, pred, spacing) == medpy_binary.asd(ref, pred, voxelspacing=spacing)
+
+
+@pytest.mark.parametrize("index", [0, 3, 6, 9])
+def test_monai_surfaces_are_medpys_and_its_distances_float32(index):
+    """Why the distances are not MONAI's get_surface_distance: its surfaces are medpy's voxel for voxel (on the
+    whole volume and on the crop), but its distances are the float32 roundings of medpy's (up to 1e-6 mm off)."""
+    pred, ref = PAIRS[index]
+    structure = ndimage.generate_binary_structure(3, 1)
+    edges_pred, edges_ref = get_mask_edges(pred, ref, crop=False)
+    np.testing.assert_array_equal(edges_pred, pred ^ ndimage.binary_erosion(pred, structure))
+    np.testing.assert_array_equal(edges_ref, ref ^ ndimage.binary_erosion(ref, structure))
+    medpy_distances = vars(medpy_binary)["__surface_distances"](pred, ref, SPACING)
+    monai_distances = get_surface_distance(*get_mask_edges(pred, ref), distance_metric="euclidean", spacing=SPACING)
+    assert monai_distances.dtype == np.float32
+    np.testing.assert_array_equal(monai_distances, medpy_distances.astype(np.float32))
+    assert 0 < np.abs(monai_distances - medpy_distances).max() < 1e-5
+    np.testing.assert_array_equal(surface_distances(pred, ref, SPACING), medpy_distances)
 
 
 def _affine(spacing) -> np.ndarray:
