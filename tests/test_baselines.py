@@ -353,7 +353,7 @@ def test_dan_loss_and_discriminator_step(tiny_net):
 
 def test_dtml_loss_and_auxiliary_dice(tiny_net):
     term = DualTaskMutualTerm()
-    trainer = types.SimpleNamespace(optimizer=torch.optim.SGD(tiny_net.parameters(), lr=0.01), network=tiny_net)
+    trainer = types.SimpleNamespace(optimizer=train_objects.optimizer(tiny_net), network=tiny_net)
     term.attach(trainer)
     step = make_step(tiny_net, None)
     loss, _ = run_term(term, step)

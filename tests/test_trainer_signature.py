@@ -10,25 +10,24 @@ import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.inferers import SimpleInferer
-from monai.losses import DiceCELoss
-from monai.networks.nets import BasicUNet
 from torch.utils.data import DataLoader
 
 from cpcl_bundle.trainer import CPCLTrainer
+from cpcl_tools import train_objects
 from tests.helpers import TINY_FEATURES, blob_batch
 
 SUPERVISED = inspect.signature(SupervisedTrainer).parameters
 
 
 def _required() -> dict:
-    net = BasicUNet(spatial_dims=3, in_channels=1, out_channels=2, features=TINY_FEATURES)
+    net = train_objects.network_def(features=TINY_FEATURES)
     return {
         "device": "cpu",
         "max_epochs": 1,
         "train_data_loader": DataLoader(blob_batch(2, seed=1), batch_size=1),
         "network": net,
-        "optimizer": torch.optim.SGD(net.parameters(), lr=0.01),
-        "loss_function": DiceCELoss(to_onehot_y=True, softmax=True),
+        "optimizer": train_objects.optimizer(net),
+        "loss_function": train_objects.loss(),
     }
 
 
