@@ -220,19 +220,26 @@ def _split_of(datalist: str, labeled_ratio: float | None, num_labeled: int | Non
 
 
 def labeled_data(
-    dataset_dir: str | os.PathLike,
+    dataset_dir: str | os.PathLike | None = None,
     labeled_ratio: float | None = None,
     num_labeled: int | None = None,
     seed: int = 0,
     output_dir: str | os.PathLike | None = None,
     generate: Any = True,
+    datalist: str | os.PathLike | None = None,
 ) -> list[dict]:
-    """The labeled stream of ``dataset_dir``'s datalist (the phantoms generated on first use when
-    ``generate``), split as :func:`semi_supervised_split` does; the split is computed once per arguments and
-    written to ``output_dir``."""
+    """The labeled stream of a datalist, split as :func:`semi_supervised_split` does; the split is computed
+    once per arguments and written to ``output_dir``.
+
+    ``datalist`` is the datalist file (:func:`ensure_dataset`'s result, the config's ``datalist_file``);
+    without it, that of ``dataset_dir``, where the phantoms are generated on first use when ``generate``.
+    """
     out = None if output_dir is None else str(output_dir)
-    datalist = str(ensure_dataset(dataset_dir, generate=generate))
-    return list(_split_of(datalist, labeled_ratio, num_labeled, int(seed), out)["labeled"])
+    if datalist is None:
+        if dataset_dir is None:
+            raise ValueError("labeled_data needs a datalist file or a dataset_dir")
+        datalist = ensure_dataset(dataset_dir, generate=generate)
+    return list(_split_of(str(datalist), labeled_ratio, num_labeled, int(seed), out)["labeled"])
 
 
 def sibling_images(labeled: list[dict]) -> list[dict]:
@@ -269,6 +276,8 @@ def unlabeled_data(
     same split (:func:`labeled_data`). When they come from elsewhere (MONAI Label overrides
     ``train#dataset#data`` with its datastore's labeled images), it is :func:`sibling_images`: the
     datastore's images without a label. ``dataset_dir`` is then never read, so nothing is generated.
+    ``generate`` is :func:`ensure_dataset`'s, for a ``dataset_dir`` without a datalist; the bundle's configs pass
+    ``false``: the labeled stream was split from the data set their ``datalist_file`` prepared.
     If that gives fewer than ``min_count`` images (one unlabeled batch; e.g. every study is annotated), the
     labeled images join the unlabeled stream without their labels, with a warning, so training still runs.
     """

@@ -53,6 +53,8 @@ __all__ = [
     "paired_tests",
     "markdown_table",
     "write_reports",
+    "PRESET_BASES",
+    "preset_files",
 ]
 
 #: The method every other is tested against (the paper's ``*``).
@@ -63,6 +65,42 @@ HEADERS = {"dice": "Dice (%)", "jaccard": "Jaccard (%)", "hd95_mm": "95HD (mm)",
 PERCENT = {"dice", "jaccard"}
 
 _STEP = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/(\d+)")
+
+
+#: Presets that stack on others (``configs/presets/<name>.json``): a name stands for its bases' files, in this
+#: order, then its own. KiTS19 and BraTS 2019 use the paper's protocol; their multi-class variants add classes.
+PRESET_BASES: dict[str, tuple[str, ...]] = {
+    "kits19": ("paper_protocol",),
+    "brats2019": ("paper_protocol",),
+    "kits19_tumour": ("kits19",),
+    "brats2019_subregions": ("brats2019",),
+}
+
+
+def preset_files(config_dir: str | os.PathLike, presets: Iterable[str | os.PathLike]) -> list[str]:
+    """The config files to merge after ``train.json`` (or ``inference.json``) for ``presets``, given by name
+    (``kits19`` = ``<config_dir>/presets/kits19.json``) or by path: each preset's bases first
+    (:data:`PRESET_BASES`, for a name or a file of ``<config_dir>/presets``), every file once, in order.
+    E.g. ``["kits19", "kits19_tumour"]`` -> ``paper_protocol.json``, ``kits19.json``, ``kits19_tumour.json``."""
+    folder = (Path(config_dir) / "presets").resolve()
+    files: list[str] = []
+
+    def add(preset: str | os.PathLike) -> None:
+        path = Path(str(preset))
+        if not path.suffix:
+            path = folder / f"{preset}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: preset does not exist (see {folder})")
+        path = path.resolve()
+        if path.parent == folder:
+            for base in PRESET_BASES.get(path.stem, ()):
+                add(base)
+        if str(path) not in files:
+            files.append(str(path))
+
+    for preset in presets:
+        add(preset)
+    return files
 
 
 def _pct(ratio: float) -> str:

@@ -39,16 +39,10 @@ DEFAULT_METHODS = ("supervised", "mt", "fpcl", "bpcl", "cpcl", "mt_cpcl")
 
 
 def _preset_files(config_dir: Path, presets: Any) -> list[str]:
-    """Preset config files by path or by name (``la2018`` = ``<config_dir>/presets/la2018.json``)."""
-    files = []
-    for preset in _list(presets) if presets else []:
-        path = Path(str(preset))
-        if not path.suffix:
-            path = config_dir / "presets" / f"{preset}.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: preset does not exist (see {config_dir / 'presets'})")
-        files.append(str(path.resolve()))
-    return files
+    """Preset config files by path or by name (``la2018`` = ``<config_dir>/presets/la2018.json``), each after
+    the presets it stacks on (``kits19`` = ``paper_protocol.json`` then ``kits19.json``; see
+    :func:`cpcl_bundle.benchmark.preset_files`)."""
+    return benchmark.preset_files(config_dir, _list(presets) if presets else [])
 
 
 def _config_value(config_dir: Path, key: str, presets: list[str] | None = None) -> Any:

@@ -133,6 +133,25 @@ def test_labeled_and_unlabeled_data_share_one_split(tmp_path):
     assert json.loads((tmp_path / "out" / "split.json").read_text())["labeled"] == labeled
 
 
+def test_labeled_data_splits_a_prepared_datalist(tmp_path):
+    """The configs prepare the data set once (``datalist_file``) and pass its datalist: the same split as from the
+    folder, and nothing is generated (the folder argument is not needed)."""
+    from cpcl_bundle.data import ensure_dataset, labeled_data, unlabeled_data
+    from cpcl_bundle.synthetic import generate_dataset
+
+    generate_dataset(tmp_path / "d", num_training=5, num_validation=1, num_test=1, workers=1, scale=0.3)
+    datalist = ensure_dataset(tmp_path / "d", generate=False)
+    labeled = labeled_data(datalist=datalist, labeled_ratio=0.4, seed=0, output_dir=tmp_path / "out")
+    assert labeled == labeled_data(tmp_path / "d", 0.4, None, 0, tmp_path / "out")
+    unlabeled = unlabeled_data(labeled, tmp_path / "d", 0.4, None, 0, tmp_path / "out", generate=False)
+    assert len(labeled) == 2 and len(unlabeled) == 3
+    with pytest.raises(ValueError, match="datalist"):
+        labeled_data(labeled_ratio=0.4)
+    with pytest.raises(FileNotFoundError, match="no dataset.json"):  # an empty folder is never generated into
+        labeled_data(tmp_path / "empty", 0.4, generate=False)
+    assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").iterdir())
+
+
 def test_too_few_unlabeled_images_fall_back_to_the_labeled_ones(tmp_path):
     from cpcl_bundle.data import unlabeled_data
 

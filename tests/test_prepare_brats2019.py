@@ -22,6 +22,7 @@ SCRIPT = ROOT / "scripts" / "prepare_brats2019.py"
 META, LOGGING = str(CONFIGS / "metadata.json"), str(CONFIGS / "logging.conf")
 TRAIN, INFER, EVALUATE = (str(CONFIGS / f) for f in ("train.json", "inference.json", "evaluate.json"))
 PRESET = str(CONFIGS / "presets" / "brats2019.json")
+PAPER = str(CONFIGS / "presets" / "paper_protocol.json")  # brats2019 stacks on the paper's protocol
 TINY = {  # seconds on 2 CPU cores: 32^3 windows at 2 mm, a narrow U-Net (tests/helpers.py TINY_FEATURES)
     "patch_size": [32, 32, 32],
     "sw_roi_size": [32, 32, 32],
@@ -206,7 +207,7 @@ def launched(prepared, tmp_path_factory):
     (no_flair / f"{TRAIN_IDS[1]}_flair.nii.gz").unlink()
     run = base / "run"
     train = [
-        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", f"['{TRAIN}','{PRESET}']",
+        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", f"['{TRAIN}','{PAPER}','{PRESET}']",
         "--meta_file", META, "--logging_file", LOGGING, "--bundle_root", str(ROOT),
         "--dataset_dir", str(prepared), "--output_dir", str(run), "--ckpt_dir", str(run / "models"),
         "--max_iterations", "2", "--patch_size", "[32,32,32]", "--sw_roi_size", "[32,32,32]",
@@ -260,7 +261,7 @@ def test_preset_trains_evaluates_and_infers(prepared, trained, tmp_path):
     assert split["num_labeled"] == 1 and split["num_unlabeled"] == 3  # 10 % of 4, at least 1
     test = json.loads((prepared / "dataset.json").read_text())["test"]
 
-    wf = _workflow("train", [TRAIN, EVALUATE, PRESET], dataset_dir=str(prepared), output_dir=str(tmp_path / "eval"),
+    wf = _workflow("train", [TRAIN, EVALUATE, PAPER, PRESET], dataset_dir=str(prepared), output_dir=str(tmp_path / "eval"),
                    ckpt_dir=str(trained / "models"), **TINY)  # fmt: skip
     wf.initialize()
     wf.run()
@@ -269,7 +270,7 @@ def test_preset_trains_evaluates_and_infers(prepared, trained, tmp_path):
     assert lines[0].startswith("case,dice,")
     assert sorted(line.split(",")[0] for line in lines[1:]) == sorted(Path(item["image"]).name[:-7] for item in test)
 
-    wf = _workflow("infer", [INFER, PRESET], dataset_dir=str(prepared), output_dir=str(tmp_path / "pred"),
+    wf = _workflow("infer", [INFER, PAPER, PRESET], dataset_dir=str(prepared), output_dir=str(tmp_path / "pred"),
                    **{k: TINY[k] for k in ("pixdim", "sw_roi_size", "network_def#features")},
                    **{"checkpointloader#load_path": str(trained / "models" / "model.pt")})  # fmt: skip
     wf.initialize()
@@ -291,7 +292,7 @@ def test_evaluation_scores_the_whole_tumour(prepared, trained, tmp_path):
     state["final_conv.bias"].copy_(torch.tensor([0.0, 1.0]))
     (tmp_path / "models").mkdir()
     torch.save(state, tmp_path / "models" / "model.pt")
-    wf = _workflow("train", [TRAIN, EVALUATE, PRESET], dataset_dir=str(prepared), output_dir=str(tmp_path),
+    wf = _workflow("train", [TRAIN, EVALUATE, PAPER, PRESET], dataset_dir=str(prepared), output_dir=str(tmp_path),
                    ckpt_dir=str(tmp_path / "models"), **TINY)  # fmt: skip
     wf.initialize()
     wf.run()

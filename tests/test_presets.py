@@ -12,6 +12,8 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from cpcl_bundle.benchmark import preset_files
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 PRESETS = sorted((CONFIGS / "presets").glob("*.json"))
@@ -33,6 +35,11 @@ MODEL_IDS = (
     "sw_overlap",
     "dataset_dir",
 )
+
+
+def _stack(preset):
+    """The files a preset stands for, its bases first (``kits19`` = ``paper_protocol.json``, ``kits19.json``)."""
+    return preset_files(CONFIGS, [preset])
 
 
 def _parser(files, **override):
@@ -66,10 +73,11 @@ def test_preset_sets_only_known_ids(preset):
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_training_and_inference_agree_on_the_model_ids(preset):
-    train = _parser([TRAIN, preset])
-    evaluate = _parser([TRAIN, EVALUATE, preset])
-    multi = _parser([TRAIN, MULTI, preset])
-    infer = _parser([INFER, preset])
+    stack = _stack(preset)
+    train = _parser([TRAIN, *stack])
+    evaluate = _parser([TRAIN, EVALUATE, *stack])
+    multi = _parser([TRAIN, MULTI, *stack])
+    infer = _parser([INFER, *stack])
     for key in MODEL_IDS:
         expected = _raw(train, key)
         assert _raw(infer, key) == expected, f"{preset.name}: '{key}' differs between training and inference"
@@ -79,7 +87,7 @@ def test_training_and_inference_agree_on_the_model_ids(preset):
     assert classes[0] == "background" and train.get_parsed_content("out_channels") == len(classes)
     mapped = set(train.get_parsed_content("label_mapping").values())
     assert mapped == set(range(len(classes))), f"{preset.name}: label_mapping must reach every class"
-    net = _parser([INFER, preset]).get_parsed_content("network_def")
+    net = _parser([INFER, *stack]).get_parsed_content("network_def")
     assert net.final_conv.out_channels == len(classes)
 
 
@@ -120,7 +128,14 @@ def _volume(kind: str, rng: np.random.Generator):
     return image.astype(np.float32), label
 
 
-KIND = {"kits19": "ct", "paper_protocol": "ct", "brats2019": "mri", "la2018": "prenormalised"}
+KIND = {
+    "kits19": "ct",
+    "kits19_tumour": "ct",
+    "paper_protocol": "ct",
+    "brats2019": "mri",
+    "brats2019_subregions": "mri",
+    "la2018": "prenormalised",
+}
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
@@ -132,8 +147,8 @@ def test_inference_sees_the_image_training_sees(preset, tmp_path):
     nib.save(nib.Nifti1Image(image, affine), tmp_path / "img.nii.gz")
     nib.save(nib.Nifti1Image(label, affine), tmp_path / "lab.nii.gz")
     coarse = {"pixdim": [2.0, 2.0, 2.0]}
-    train = _parser([TRAIN, preset], **coarse).get_parsed_content("validate#preprocessing")
-    infer = _parser([INFER, preset], **coarse).get_parsed_content("preprocessing")
+    train = _parser([TRAIN, *_stack(preset)], **coarse).get_parsed_content("validate#preprocessing")
+    infer = _parser([INFER, *_stack(preset)], **coarse).get_parsed_content("preprocessing")
     seen_in_training = train({"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lab.nii.gz")})
     seen_in_inference = infer({"image": str(tmp_path / "img.nii.gz")})
     a, b = seen_in_training["image"], seen_in_inference["image"]
@@ -174,3 +189,93 @@ def test_la2018_preset_follows_the_references_protocol(method, schedule):
     default = _parser([TRAIN], method=method)
     assert default.get_parsed_content("dropout") == 0.0 and default.get_parsed_content("ema_warmup") is False
     assert default.get_parsed_content("lr_schedule") == "poly"
+
+
+#: configs/presets/kits19.json and brats2019.json as they were before they stacked on paper_protocol.json (each
+#: repeated its block): a run with the stack must end up with exactly the settings these single files gave.
+FORMER = {
+    "kits19": {
+        "dataset_dir": "$@bundle_root + '/data/kits19'",
+        "generate_data": False,
+        "classes": ["background", "kidney"],
+        "label_mapping": {"0": 0, "1": 1, "2": 1},
+        "pixdim": [1.0, 1.0, 1.0],
+        "hu_window": [-75, 175],
+        "body_threshold": -500,
+        "labeled_sampling": "uniform",
+        "patch_size": [96, 96, 96],
+        "sw_roi_size": [96, 96, 96],
+        "labeled_ratio": 0.1,
+        "num_labeled": None,
+        "max_iterations": 20000,
+        "iterations_per_epoch": 200,
+        "val_interval": 5,
+        "map_interval": 1000,
+        "checkpoint_interval": 500,
+    },
+    "brats2019": {
+        "dataset_dir": "$@bundle_root + '/data/brats2019'",
+        "generate_data": False,
+        "classes": ["background", "whole_tumour"],
+        "label_mapping": {"0": 0, "1": 1, "2": 1, "4": 1},
+        "pixdim": [1.0, 1.0, 1.0],
+        "foreground_crop": {
+            "_target_": "CropForegroundd",
+            "keys": ["image", "label"],
+            "source_key": "image",
+            "allow_missing_keys": True,
+        },
+        "intensity": {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True},
+        "labeled_sampling": "uniform",
+        "patch_size": [96, 96, 96],
+        "sw_roi_size": [96, 96, 96],
+        "labeled_ratio": 0.1,
+        "num_labeled": None,
+        "max_iterations": 20000,
+        "iterations_per_epoch": 200,
+        "val_interval": 5,
+        "map_interval": 1000,
+        "checkpoint_interval": 500,
+    },
+}
+#: How each stack was written before: the former file, then (for the multi-class variants) the variant's file.
+FORMER_STACKS = {
+    "kits19": ["kits19"],
+    "brats2019": ["brats2019"],
+    "kits19_tumour": ["kits19", "kits19_tumour"],
+    "brats2019_subregions": ["brats2019", "brats2019_subregions"],
+}
+
+
+def test_preset_names_stand_for_their_stack():
+    def names(*presets):
+        return [Path(f).name for f in preset_files(CONFIGS, presets)]
+
+    assert names("kits19") == ["paper_protocol.json", "kits19.json"]
+    assert names("brats2019") == ["paper_protocol.json", "brats2019.json"]
+    assert names("kits19", "kits19_tumour") == ["paper_protocol.json", "kits19.json", "kits19_tumour.json"]
+    assert names("brats2019_subregions") == ["paper_protocol.json", "brats2019.json", "brats2019_subregions.json"]
+    assert names(str(CONFIGS / "presets" / "kits19.json")) == ["paper_protocol.json", "kits19.json"]
+    assert names("la2018") == ["la2018.json"] and names("paper_protocol") == ["paper_protocol.json"]
+    with pytest.raises(FileNotFoundError):
+        preset_files(CONFIGS, ["kits2019"])
+
+
+@pytest.mark.parametrize("base", ["train", "evaluate", "multi_gpu", "inference"])
+@pytest.mark.parametrize("preset", sorted(FORMER_STACKS))
+def test_stacked_presets_give_the_settings_of_the_former_single_files(preset, base, tmp_path):
+    """train.json + paper_protocol.json + kits19.json merges to the very config train.json + the former kits19.json
+    did (every id, every value), and likewise for evaluation, multi-GPU training and inference."""
+    configs = {"train": [TRAIN], "evaluate": [TRAIN, EVALUATE], "multi_gpu": [TRAIN, MULTI], "inference": [INFER]}
+    former = []
+    for name in FORMER_STACKS[preset]:
+        path = CONFIGS / "presets" / f"{name}.json"
+        if name in FORMER:
+            path = tmp_path / f"{name}.json"
+            path.write_text(json.dumps(FORMER[name]))
+        former.append(str(path))
+    old, new = _parser([*configs[base], *former]), _parser([*configs[base], *_stack(preset)])
+    assert new.get() == old.get()
+    for key in ("pixdim", "patch_size", "max_iterations", "labeled_sampling", "classes", "label_mapping"):
+        if key in old:
+            assert _raw(new, key) == _raw(old, key), key
