@@ -41,7 +41,7 @@ DEFAULT_METHODS = ("supervised", "mt", "fpcl", "bpcl", "cpcl", "mt_cpcl")
 def _preset_files(config_dir: Path, presets: Any) -> list[str]:
     """Preset config files by path or by name (``la2018`` = ``<config_dir>/presets/la2018.json``), each after
     the presets it stacks on (``kits19`` = ``paper_protocol.json`` then ``kits19.json``; see
-    :func:`cpcl_bundle.benchmark.preset_files`)."""
+    :func:`cpcl_tools.benchmark.preset_files`)."""
     return benchmark.preset_files(config_dir, _list(presets) if presets else [])
 
 
