@@ -6,7 +6,7 @@ Xu et al., "All-Around Real Label Supervision: Cyclic Prototype Consistency Lear
 Medical Image Segmentation", IEEE JBHI 26(7), 2022.
 """
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 #: The bundle's name (zoo folder and zip name, MONAI Label model name). "segmentation" in it makes MONAI Label
 #: treat it as a segmentation model; a bundle name must not contain "_v" (the zoo splits versions on it).
 BUNDLE_NAME = "cpcl_kidney_ct_segmentation"
