@@ -51,8 +51,20 @@ def report_input_errors(exc_type: type[BaseException], exc: BaseException, tb: A
     if found is None or os.environ.get("CPCL_TRACEBACK", "").strip() not in ("", "0"):
         _previous_hook(exc_type, exc, tb)
         return
+    _close_progress_bars()
     sys.stdout.flush()
     print(f"error: {found}", file=sys.stderr, flush=True)
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars still open (Ignite's ``ProgressBar`` of a training stopped by the error): closed at
+    exit instead, they would print themselves after the error lines."""
+    tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)
+    for bar in list(getattr(tqdm, "_instances", None) or ()):
+        try:
+            bar.close()
+        except Exception:  # a bar that cannot close must not hide the error
+            pass
 
 
 _previous_hook = sys.excepthook

@@ -12,10 +12,23 @@ loading in the main process (``num_workers=0``, the default here): worker proces
 their position cannot be known exactly. Each DataLoader also needs its own ``generator``: creating an iterator
 draws a seed from it, and from the global torch generator otherwise, which would shift every later random
 draw of a resumed run (whose iterators are created at other times than in an uninterrupted one).
+
+Faults. The last two checkpoints are kept (``n_saved``), and an older one is deleted only after the newer one is
+complete. Each file carries a SHA-256 digest of its contents (``integrity``). On resume, a checkpoint that does not
+load (truncated, zero bytes, overwritten with garbage, digest mismatch) is skipped with a one-line warning naming
+it and the cause, and the run resumes from the newest one that loads; if checkpoints exist but none loads, the run
+stops with an :class:`~cpcl_bundle.errors.InputError` naming each file (never a silent start from scratch). The
+temporary file of a write (Ignite's ``tmpXXXXXXXX``) cannot match :func:`latest_checkpoint`'s pattern; one left by a
+killed write is removed, with a log line, when the run resumes and before the next save. A write that fails for
+want of space (ENOSPC, EDQUOT, EFBIG) removes its temporary file and stops the run with an ``InputError`` naming the
+folder, the cause (``no space left on device``) and the previous checkpoint, which stays intact.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import logging
 import os
 import random
 import re
@@ -23,6 +36,7 @@ from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
@@ -30,12 +44,22 @@ from ignite.handlers import Checkpoint, DiskSaver
 from monai.transforms import Randomizable
 from torch.utils.data import Sampler
 
+from cpcl_bundle.errors import InputError
 from cpcl_bundle.validation import as_bool
 
-__all__ = ["ResumableSampler", "TrainingRNG", "ResumeCheckpoint", "latest_checkpoint"]
+__all__ = ["ResumableSampler", "TrainingRNG", "ResumeCheckpoint", "latest_checkpoint", "resume_checkpoints"]
 
 PREFIX = "resume"
 _PATTERN = re.compile(rf"{PREFIX}_checkpoint_(\d+)\.pt$")
+#: The temporary file of an atomic write (``tempfile.NamedTemporaryFile`` in Ignite's ``DiskSaver``): ``tmp`` and
+#: 8 random characters, never a name :data:`_PATTERN` matches.
+_PARTIAL = re.compile(r"tmp[a-z0-9_]{8}")
+#: The key of the checkpoint's digest of its own contents.
+INTEGRITY = "integrity"
+#: Write errors that mean the disk (or the quota, or the file size limit) is full.
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+logger = logging.getLogger(__name__)
 
 
 class ResumableSampler(Sampler[int]):
@@ -165,13 +189,155 @@ class TrainingRNG:
             sampler.load_state_dict(s)
 
 
-def latest_checkpoint(save_dir: str | os.PathLike) -> Path | None:
-    """The resume checkpoint of the highest iteration in ``save_dir`` (``None`` if there is none)."""
+def resume_checkpoints(save_dir: str | os.PathLike) -> list[Path]:
+    """The resume checkpoints of ``save_dir``, highest iteration first (temporary files of writes never match)."""
     folder = Path(save_dir)
     if not folder.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _PATTERN.match(p.name))]
-    return max(found)[1] if found else None
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _PATTERN.match(p.name)) and p.is_file()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(save_dir: str | os.PathLike) -> Path | None:
+    """The resume checkpoint of the highest iteration in ``save_dir`` (``None`` if there is none)."""
+    found = resume_checkpoints(save_dir)
+    return found[0] if found else None
+
+
+def _iteration(path: Path) -> int:
+    return int(_PATTERN.match(path.name).group(1))
+
+
+def remove_partial_files(save_dir: str | os.PathLike, log: logging.Logger = logger) -> list[Path]:
+    """Remove the temporary files that killed or failed writes left in ``save_dir``, logging each; returns those
+    that could not be removed."""
+    folder, left = Path(save_dir), []
+    if not folder.is_dir():
+        return left
+    for path in sorted(folder.iterdir()):
+        if _PARTIAL.fullmatch(path.name) and path.is_file():
+            try:
+                path.unlink(missing_ok=True)
+                log.warning(f"resume: removed {path}, the partial file of an interrupted checkpoint write")
+            except OSError as e:
+                left.append(path)
+                log.warning(f"resume: cannot remove the partial file {path} ({e.strerror})")
+    return left
+
+
+def _digest(state: Any) -> str:
+    """SHA-256 of a checkpoint's contents: every tensor's bytes, dtype and shape, every plain value and every key,
+    in order (``torch.load`` does not check the data it reads: bytes overwritten inside a tensor load silently)."""
+    h = hashlib.sha256()
+
+    def visit(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, dict):
+            h.update(f"D{len(obj)}".encode())
+            for key, value in obj.items():
+                h.update(repr(key).encode())
+                visit(value)
+        elif isinstance(obj, (list, tuple)):
+            h.update(f"L{len(obj)}".encode())
+            for value in obj:
+                visit(value)
+        elif obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
+            h.update(f"{type(obj).__name__}:{obj!r}".encode())
+        else:  # a value whose repr may differ between runs (an address): its type only
+            h.update(type(obj).__name__.encode())
+
+    visit(state)
+    return h.hexdigest()
+
+
+def _cause(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """Load a resume checkpoint and check its digest; raise ``ValueError`` naming the cause if it is damaged."""
+    if path.stat().st_size == 0:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, garbage: zip, pickle, seek or decode errors
+        raise ValueError(f"unreadable, truncated or corrupt ({_cause(e)})") from e
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"not a resume checkpoint (a {type(checkpoint).__name__})")
+    if INTEGRITY in checkpoint:  # checkpoints of 0.7.0 and before have none
+        stored = checkpoint.pop(INTEGRITY)
+        if _digest(checkpoint) != stored:
+            raise ValueError("corrupt: its contents do not match the digest written with them")
+    return checkpoint
+
+
+def _disk_full(e: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT/EFBIG ``OSError`` in ``e``'s chain (``torch.save`` reports it as the context of a
+    ``RuntimeError``)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+class _ResumeSaver(DiskSaver):
+    """Ignite's atomic ``DiskSaver`` with the fault handling of resume checkpoints.
+
+    Before each save, partial files of killed writes are removed; each file gets its digest (:data:`INTEGRITY`).
+    Ignite's ``Checkpoint`` deletes the oldest file *before* writing the next one (with ``n_saved`` 1, a kill
+    during that write would leave no checkpoint at all): here ``remove`` does nothing and the files beyond the newest
+    ``n_saved`` older than the one just written are deleted only once it is complete, including those of earlier
+    runs that were resumed. A write that fails for want of space ends the run with an :class:`InputError`.
+    """
+
+    def __init__(self, dirname: str | os.PathLike, n_saved: int | None, **kwargs: Any) -> None:
+        super().__init__(dirname, **kwargs)
+        self.n_saved = n_saved
+
+    def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
+        if self.save_on_rank != idist.get_rank():
+            return
+        remove_partial_files(self.dirname)
+        if isinstance(checkpoint, dict):
+            checkpoint = {**checkpoint, INTEGRITY: _digest(checkpoint)}
+        try:
+            super().__call__(checkpoint, filename, metadata)
+        except BaseException as e:
+            # Ignite removes its temporary file, except when closing it fails (the last buffered bytes do not fit)
+            left = remove_partial_files(self.dirname)
+            full = _disk_full(e)
+            if full is None:
+                raise
+            raise InputError(self._full_message(filename, full, left)) from e
+        self._prune(filename)
+
+    def _full_message(self, filename: str, e: OSError, left: list[Path]) -> str:
+        kept = [p for p in resume_checkpoints(self.dirname) if p.name != filename]
+        previous = f"the previous checkpoint {kept[0].name} is intact" if kept else "no earlier checkpoint exists"
+        partial = f"the partial file {left[0].name} could not be removed" if left else "no partial file is left"
+        return (
+            f"{self.dirname}: {os.strerror(e.errno).lower()} while writing resume checkpoint {filename}; {previous}, "
+            f"{partial}: free space there (or set resume_dir), then run again with --resume true"
+        )
+
+    def remove(self, filename: str) -> None:
+        """Nothing: older checkpoints are deleted by :meth:`_prune`, once the newer file is complete."""
+
+    def _prune(self, filename: str) -> None:
+        match = _PATTERN.match(filename)
+        if self.n_saved is None or match is None:
+            return
+        written = int(match.group(1))
+        older = [p for p in resume_checkpoints(self.dirname) if _iteration(p) < written]
+        for path in older[max(int(self.n_saved) - 1, 0) :]:
+            path.unlink(missing_ok=True)
 
 
 class ResumeCheckpoint:
@@ -180,15 +346,17 @@ class ResumeCheckpoint:
     Saved: the trainer's network (``model``), its teacher, its ``GradScaler`` (fp16 only), the state of its loss terms that have one
     (``term_<name>``), the engine state (``trainer``) and ``objects``
     (optimizer, LR scheduler, :class:`TrainingRNG`, ...). Files: ``<save_dir>/resume_checkpoint_<iteration>.pt``,
-    the last ``n_saved`` kept; written atomically. A handler, not config wiring, because the trainer it saves
-    is the engine it is attached to (a config cannot refer to the trainer from the trainer's own handlers).
+    the last ``n_saved`` kept (the older deleted once the newer is complete); written atomically, with a digest. On
+    resume, damaged checkpoints are skipped with a warning (see the module's "Faults"). A handler, not config
+    wiring, because the trainer it saves is the engine it is attached to (a config cannot refer to the trainer from
+    the trainer's own handlers).
 
     Args:
         save_dir: folder of the checkpoints.
         interval: iterations between two saves (also saved when the run completes).
         objects: further objects with ``state_dict``/``load_state_dict``.
-        resume: load the latest checkpoint of ``save_dir`` (if any) when the run starts.
-        n_saved: checkpoints kept.
+        resume: load the latest checkpoint of ``save_dir`` that loads (if any) when the run starts.
+        n_saved: checkpoints kept: 2, so that a damaged latest one leaves one to resume from.
     """
 
     def __init__(
@@ -197,7 +365,7 @@ class ResumeCheckpoint:
         interval: int = 50,
         objects: dict[str, Any] | None = None,
         resume: bool = False,
-        n_saved: int = 1,
+        n_saved: int = 2,
     ) -> None:
         if interval < 1:
             raise ValueError(f"interval must be at least 1, got {interval}")
@@ -221,7 +389,7 @@ class ResumeCheckpoint:
         to_save = self._to_save(engine)
         saver = Checkpoint(
             to_save,
-            DiskSaver(str(self.save_dir), require_empty=False, atomic=True, create_dir=True),
+            _ResumeSaver(str(self.save_dir), self.n_saved, require_empty=False, atomic=True, create_dir=True),
             filename_prefix=PREFIX,
             n_saved=self.n_saved,
             global_step_transform=lambda e, _: e.state.iteration,
@@ -232,11 +400,30 @@ class ResumeCheckpoint:
             engine.add_event_handler(Events.STARTED, self._load, to_save)
 
     def _load(self, engine: Engine, to_save: dict[str, Any]) -> None:
-        path = latest_checkpoint(self.save_dir)
-        if path is None:
+        if idist.get_rank() == 0:
+            remove_partial_files(self.save_dir, engine.logger)
+        paths = resume_checkpoints(self.save_dir)
+        if not paths:
             engine.logger.info(f"resume: no checkpoint in {self.save_dir}, starting from scratch")
             return
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        damaged = []
+        for path in paths:
+            try:
+                checkpoint = _read(path)
+            except (OSError, ValueError) as e:
+                cause = e.strerror if isinstance(e, OSError) else str(e)
+                damaged.append(f"{path}: {cause}")
+                engine.logger.warning(f"resume: skipping {path}: {cause}")
+                continue
+            break
+        else:
+            raise InputError(
+                damaged
+                + [
+                    f"{self.save_dir}: none of its {len(paths)} resume checkpoints loads: restore one, or move them "
+                    "away to train from scratch"
+                ]
+            )
         missing = sorted(set(to_save) - set(checkpoint))
         if missing:
             raise ValueError(f"{path}: resume checkpoint lacks {missing}: written by another configuration")
