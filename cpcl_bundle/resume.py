@@ -22,6 +22,17 @@ temporary file of a write (Ignite's ``tmpXXXXXXXX``) cannot match :func:`latest_
 killed write is removed, with a log line, when the run resumes and before the next save. A write that fails for
 want of space (ENOSPC, EDQUOT, EFBIG) removes its temporary file and stops the run with an ``InputError`` naming the
 folder, the cause (``no space left on device``) and the previous checkpoint, which stays intact.
+
+Under torchrun (``configs/multi_gpu_train.json``) the resume is exact too. The training streams are driven by
+:class:`ResumableDistributedSampler`: every rank shuffles the same pass from ``seed + pass``, padded to a
+multiple of the world size as ``DistributedSampler`` pads, and rank ``r`` takes indices ``r::world_size``.
+Weights, teacher, optimizer, scheduler and engine state are identical on every rank (DDP), so one file holds
+them, written by rank 0 alone (Ignite's ``DiskSaver`` saves on ``save_on_rank=0``); the random state and
+sampler positions differ per rank, so :class:`TrainingRNG` with ``distributed=True`` gathers every rank's
+(``all_gather_object``) into that same file, which is therefore complete or absent as one atomic file. On
+resume every rank loads it and restores its own entry (an error naming the file if the world size differs);
+rank 0's choice of checkpoint is broadcast and every rank checks that it sees the same one and, after loading,
+that all ranks stand at the same iteration. A single-process run writes and reads exactly the format it did.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import math
 import os
 import random
 import re
@@ -39,6 +51,7 @@ from typing import Any
 import ignite.distributed as idist
 import numpy as np
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.transforms import Randomizable
@@ -47,7 +60,14 @@ from torch.utils.data import Sampler
 from cpcl_bundle.errors import InputError
 from cpcl_bundle.validation import as_bool
 
-__all__ = ["ResumableSampler", "TrainingRNG", "ResumeCheckpoint", "latest_checkpoint", "resume_checkpoints"]
+__all__ = [
+    "ResumableSampler",
+    "ResumableDistributedSampler",
+    "TrainingRNG",
+    "ResumeCheckpoint",
+    "latest_checkpoint",
+    "resume_checkpoints",
+]
 
 PREFIX = "resume"
 _PATTERN = re.compile(rf"{PREFIX}_checkpoint_(\d+)\.pt$")
@@ -62,15 +82,30 @@ _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 logger = logging.getLogger(__name__)
 
 
+def _distributed() -> bool:
+    """Whether this process is one of several ranks of an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class ResumableSampler(Sampler[int]):
     """Seeded shuffling sampler whose position in the current pass can be saved and restored.
 
     Pass ``p`` visits the indices in ``randperm(n)`` of a generator seeded with ``seed + p``; the state is
     (pass, indices already given out), so a restored sampler continues mid-pass exactly where it stood.
+    With ``num_replicas`` > 1 each pass is padded to a multiple of ``num_replicas`` by repeating its first
+    indices and rank ``rank`` takes indices ``rank::num_replicas`` of it: ``DistributedSampler``'s split
+    (``drop_last=False``), whose ``set_epoch(p)`` pass it equals.
     """
 
-    def __init__(self, data_source: Sized, shuffle: bool = True, seed: int = 0) -> None:
-        self.n = len(data_source)
+    def __init__(
+        self, data_source: Sized, shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        num_replicas, rank = int(num_replicas), int(rank)
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas) and num_replicas >= 1, got {rank} of {num_replicas}")
+        self.size = len(data_source)
+        self.num_replicas, self.rank = num_replicas, rank
+        self.n = math.ceil(self.size / num_replicas)  # indices this rank gives out per pass
         self.shuffle, self.seed = bool(shuffle), int(seed)
         self.next_pass = 0  # index of the pass the next fresh iterator starts
         self.current = -1  # pass being given out
@@ -79,8 +114,13 @@ class ResumableSampler(Sampler[int]):
 
     def _order(self, p: int) -> list[int]:
         if not self.shuffle:
-            return list(range(self.n))
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + p)).tolist()
+            order = list(range(self.size))
+        else:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + p)).tolist()
+        total = self.n * self.num_replicas
+        if total > len(order):  # pad as DistributedSampler does: repeat the pass from its start
+            order += (order * math.ceil((total - len(order)) / len(order)))[: total - len(order)]
+        return order[self.rank : total : self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
         if self._pending is not None and self._pending[1] < self.n:
@@ -98,11 +138,42 @@ class ResumableSampler(Sampler[int]):
         return self.n
 
     def state_dict(self) -> dict[str, int]:
-        return {"next_pass": self.next_pass, "current": self.current, "position": self.position}
+        state = {"next_pass": self.next_pass, "current": self.current, "position": self.position}
+        if self.num_replicas > 1:  # single-process state keeps its format
+            state["num_replicas"] = self.num_replicas
+        return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if int(state.get("num_replicas", 1)) != self.num_replicas:
+            raise ValueError(
+                f"the sampler state was saved with {state.get('num_replicas', 1)} replicas, this sampler has "
+                f"{self.num_replicas}: resume with the same number of processes"
+            )
         self.next_pass, self.current, self.position = (int(state[k]) for k in ("next_pass", "current", "position"))
         self._pending = (self.current, self.position) if self.current >= 0 else None
+
+
+class ResumableDistributedSampler(ResumableSampler):
+    """:class:`ResumableSampler` split across the ranks of the process group (torchrun), ``DistributedSampler``'s
+    drop-in for the training streams: ``num_replicas`` and ``rank`` default to the process group's."""
+
+    def __init__(
+        self,
+        data_source: Sized,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        if num_replicas is None or rank is None:
+            if not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError(
+                    "ResumableDistributedSampler: no initialised process group (torch.distributed.init_process_group, "
+                    "run under torchrun): pass num_replicas and rank, or initialise the group first"
+                )
+            num_replicas = dist.get_world_size() if num_replicas is None else num_replicas
+            rank = dist.get_rank() if rank is None else rank
+        super().__init__(data_source, shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank)
 
 
 def _randomizables(roots: Iterable[Any], depth: int = 3) -> list[Randomizable]:
@@ -152,14 +223,27 @@ class TrainingRNG:
 
     Args:
         transforms: Compose objects (or lists) whose random transforms' private generators are saved.
-        samplers: samplers with ``state_dict`` (e.g. :class:`ResumableSampler`); others are ignored.
+        samplers: samplers with ``state_dict`` (e.g. :class:`ResumableSampler`); one without (a plain
+            ``DistributedSampler``) is an error, as its stream could not be resumed exactly.
+        distributed: under torchrun: ``state_dict`` gathers every rank's state (a collective: every rank calls
+            it, as Ignite's ``Checkpoint`` does) as ``{"world_size": W, "ranks": [state of rank 0, ...]}`` and
+            ``load_state_dict`` restores this rank's entry. ``False``: the single-process state, unchanged.
     """
 
-    def __init__(self, transforms: Iterable[Any] = (), samplers: Iterable[Any] = ()) -> None:
+    def __init__(self, transforms: Iterable[Any] = (), samplers: Iterable[Any] = (), distributed: bool = False) -> None:
         self.transforms = _randomizables(transforms)
-        self.samplers = [s for s in samplers if hasattr(s, "state_dict") and hasattr(s, "load_state_dict")]
+        self.samplers = list(samplers)
+        stateless = [
+            type(s).__name__ for s in self.samplers if not (hasattr(s, "state_dict") and hasattr(s, "load_state_dict"))
+        ]
+        if stateless:
+            raise TypeError(
+                f"TrainingRNG: samplers {stateless} have no state_dict/load_state_dict, so a resumed run could not "
+                "continue their pass: use cpcl_bundle.resume.ResumableSampler (ResumableDistributedSampler under torchrun)"
+            )
+        self.distributed = as_bool(distributed, "distributed")
 
-    def state_dict(self) -> dict[str, Any]:
+    def _local_state(self) -> dict[str, Any]:
         version, internal, gauss = random.getstate()
         return {
             "torch": torch.get_rng_state(),
@@ -170,7 +254,40 @@ class TrainingRNG:
             "samplers": [s.state_dict() for s in self.samplers],
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        if not self.distributed:
+            return self._local_state()
+        if not dist.is_initialized():  # torchrun with one process and no group: a world of one
+            return {"world_size": 1, "ranks": [self._local_state()]}
+        ranks: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, self._local_state())
+        return {"world_size": len(ranks), "ranks": ranks}
+
+    def rank_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """This process's entry of a saved ``state``; ``ValueError`` naming the cause if it is not this run's kind."""
+        saved = state.get("world_size") if isinstance(state, dict) else None
+        if not self.distributed:
+            if saved is not None:
+                raise ValueError(
+                    f"the random state was saved by {saved} processes under torchrun, this run is a single process: "
+                    f"resume with torchrun --nproc_per_node {saved} and configs/multi_gpu_train.json"
+                )
+            return state
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        if saved is None:
+            raise ValueError(
+                f"the random state was saved by a single-process run, this run has {world} processes: "
+                "resume it without torchrun"
+            )
+        if int(saved) != world or len(state["ranks"]) != world:
+            raise ValueError(
+                f"the random state was saved by {saved} processes, this run has {world}: "
+                f"resume with torchrun --nproc_per_node {saved} (the same world size)"
+            )
+        return state["ranks"][rank]
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = self.rank_state(state)
         if len(state["transforms"]) != len(self.transforms) or len(state["samplers"]) != len(self.samplers):
             raise ValueError(
                 f"the checkpoint's random state has {len(state['transforms'])} transforms and "
@@ -385,6 +502,44 @@ class ResumeCheckpoint:
                 to_save[f"term_{term.name}"] = term
         return to_save
 
+    def _agree(self, engine: Engine) -> None:
+        """Before loading: under torchrun every rank must resume from the checkpoint rank 0 chooses (rank 0's
+        choice is broadcast and compared), and a checkpoint of another world size is refused, naming the file."""
+        path = latest_checkpoint(self.save_dir)
+        if _distributed():
+            chosen = [path.name if path is not None else None]
+            dist.broadcast_object_list(chosen, src=0)
+            if chosen[0] != (path.name if path is not None else None):
+                raise RuntimeError(
+                    f"{self.save_dir}: rank {dist.get_rank()} finds {path.name if path else 'no checkpoint'}, rank 0 "
+                    f"{chosen[0] or 'none'}: every rank must resume from one folder on a shared file system"
+                )
+        rngs = {k: o for k, o in self.objects.items() if isinstance(o, TrainingRNG)}
+        if path is None or not rngs:
+            return
+        try:  # tensors memory-mapped: cheap; an unreadable file is left to the load to report
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001
+            return
+        for key, rng in rngs.items():
+            if key in checkpoint:
+                try:
+                    rng.rank_state(checkpoint[key])
+                except ValueError as error:
+                    raise ValueError(f"{path}: {error}") from None
+
+    def _agreed(self, engine: Engine) -> None:
+        """After loading, under torchrun: every rank resumed from the same checkpoint, at the same iteration."""
+        if not _distributed():
+            return
+        mine = (self.loaded_from.name if self.loaded_from is not None else None, engine.state.iteration)
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        if len(set(everyone)) > 1:
+            raise RuntimeError(
+                f"{self.save_dir}: the ranks resumed from different checkpoints (file, iteration): {everyone}"
+            )
+
     def attach(self, engine: Engine) -> None:
         to_save = self._to_save(engine)
         saver = Checkpoint(
@@ -397,7 +552,9 @@ class ResumeCheckpoint:
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), saver)
         engine.add_event_handler(Events.COMPLETED, saver)
         if self.resume:
+            engine.add_event_handler(Events.STARTED, self._agree)
             engine.add_event_handler(Events.STARTED, self._load, to_save)
+            engine.add_event_handler(Events.STARTED, self._agreed)
 
     def _load(self, engine: Engine, to_save: dict[str, Any]) -> None:
         if idist.get_rank() == 0:
