@@ -92,4 +92,4 @@ def test_the_runtime_never_imports_a_tool():
     offenders = [p.name for p in sorted(PACKAGE.glob("*.py")) if "cpcl_tools" in top_level_imports(p)]
     assert not offenders, f"cpcl_bundle modules that import cpcl_tools: {offenders}"
     tools = {p.stem for p in TOOLS.glob("*.py")} - {"__init__"}
-    assert tools == {"benchmark", "metadata", "plots", "prepare", "train_objects"} and not tools & set(MODULES)
+    assert tools == {"benchmark", "metadata", "plan", "plots", "prepare", "train_objects"} and not tools & set(MODULES)
