@@ -24,7 +24,9 @@ The choices (each a pure function of the fingerprint; :func:`plan` lists them in
   foreground's 0.5-99.5 percentiles and z-score with the foreground's mean and standard deviation, one
   ``ScaleIntensityRanged`` (the window ``hu_window`` mapped to ``(window - mean) / std``), and the body crop
   (``BodyCropd`` at :data:`BODY_THRESHOLD_HU`); MR: z-score over the non-zero voxels (``NormalizeIntensityd``)
-  and ``CropForegroundd`` on the image;
+  and ``CropForegroundd`` on the image; MR whose images go below 0 was normalised already (e.g. the Left Atrium's
+  z-scored h5, :func:`zero_is_background`): its zero is not background, so z-score over the whole image (a no-op
+  on z-scored data) and no crop, as la2018;
 * classes (:func:`classes_choice`): background 0 first, then every label value found, in order;
 * patch and sliding window (:func:`patch_candidates`, :func:`choose_patch`): multiples of 16 following the
   median shape in voxels at the target spacing, capped at it, square in the plane of the first two axes (the
@@ -65,6 +67,7 @@ __all__ = [
     "fingerprint",
     "target_spacing",
     "guess_modality",
+    "zero_is_background",
     "intensity_choice",
     "crop_choice",
     "classes_choice",
@@ -291,7 +294,18 @@ def guess_modality(body: dict[str, float]) -> tuple[str, str]:
     return "MR", f"images span [{low:.3g}, {high:.3g}], not Hounsfield units (min > {CT_MAX_MIN:g} or range < 1000)"
 
 
-def intensity_choice(modality: str, foreground: dict[str, float], channels: int = 1) -> Choice:
+def zero_is_background(body: dict[str, float]) -> tuple[bool, str]:
+    """Whether 0 is the background level of the images (``body``: means over images of per-image min and max).
+    Raw MR has non-negative intensities with 0 outside the body; images that go below 0 were normalised already
+    (z-scored, shifted), so a crop or a z-score over the "non-zero" voxels would select by brightness instead."""
+    if body["min"] < 0:
+        return False, f"intensities go down to {body['min']:.3g}: normalised already, 0 is not the background"
+    return True, "intensities start at 0: 0 is the background"
+
+
+def intensity_choice(
+    modality: str, foreground: dict[str, float], channels: int = 1, zero_background: bool = True
+) -> Choice:
     """CT: clip to the foreground's 0.5-99.5 percentiles (``hu_window``) and z-score with the foreground's mean
     and standard deviation, as one ``ScaleIntensityRanged`` whose window maps to ``(window - mean) / std``
     (clipping, then the same linear map; nnU-Net's CT normalisation). MR: z-score over the non-zero voxels of
@@ -319,12 +333,17 @@ def intensity_choice(modality: str, foreground: dict[str, float], channels: int 
     ids = {"intensity": {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True, "channel_wise": True}}
     if channels == 1:
         del ids["intensity"]["channel_wise"]
+    if not zero_background:
+        del ids["intensity"]["nonzero"]
+        why = "MR, normalised already: z-score over the whole image (NormalizeIntensityd; a no-op on z-scored data)"
+        return Choice("intensity", ids, why)
     return Choice("intensity", ids, "MR: z-score over the non-zero (body) voxels of each image (NormalizeIntensityd)")
 
 
-def crop_choice(modality: str) -> Choice:
+def crop_choice(modality: str, zero_background: bool = True) -> Choice:
     """The label-free crop, the same for labeled, unlabeled and new images: CT: the body (``BodyCropd``, voxels
-    above :data:`BODY_THRESHOLD_HU`); MR: the non-zero region of the image (``CropForegroundd``)."""
+    above :data:`BODY_THRESHOLD_HU`); MR: the non-zero region of the image (``CropForegroundd``); MR normalised
+    already (``zero_background`` false): none (``Identityd``, as la2018), as no threshold tells the body there."""
     if modality == "CT":
         ids = {
             "body_threshold": BODY_THRESHOLD_HU,
@@ -336,6 +355,9 @@ def crop_choice(modality: str) -> Choice:
             },
         }
         return Choice("crop", ids, f"CT: crop to the body, voxels above {BODY_THRESHOLD_HU:g} HU (BodyCropd)")
+    if not zero_background:
+        ids = {"foreground_crop": {"_target_": "Identityd", "keys": ["image", "label"], "allow_missing_keys": True}}
+        return Choice("crop", ids, "MR, normalised already: no label-free crop (0 does not mark the background)")
     ids = {
         "foreground_crop": {
             "_target_": "CropForegroundd",
@@ -360,10 +382,12 @@ def classes_choice(labels: Sequence[int], names: dict[int, str] | None = None) -
     return Choice("classes", {"classes": classes, "label_mapping": mapping}, why)
 
 
-def median_shape(fp: Fingerprint, pixdim: Sequence[float], modality: str) -> list[float]:
+def median_shape(fp: Fingerprint, pixdim: Sequence[float], modality: str, zero_background: bool = True) -> list[float]:
     """The median image size in voxels at ``pixdim``: of the whole image for CT (the body crop keeps most of the
-    field of view), of DataAnalyzer's crop to the voxels above 0 for MR (what ``CropForegroundd`` keeps)."""
-    shapes = np.asarray(fp.shapes if modality == "CT" else fp.cropped_shapes, dtype=np.float64)
+    field of view) and for MR without a crop, of DataAnalyzer's crop to the voxels above 0 for MR (what
+    ``CropForegroundd`` keeps)."""
+    cropped = modality != "CT" and zero_background
+    shapes = np.asarray(fp.cropped_shapes if cropped else fp.shapes, dtype=np.float64)
     return [float(v) for v in np.median(shapes * np.asarray(fp.spacings) / np.asarray(pixdim, dtype=float), axis=0)]
 
 
@@ -539,7 +563,10 @@ def plan(
     )
     spacing = target_spacing(fp.spacings)
     modality, modality_why = guess_modality(fp.body)
-    shape = median_shape(fp, spacing.ids["pixdim"], modality)
+    zero_background, zero_why = zero_is_background(fp.body) if modality == "MR" else (True, "")
+    if zero_why:
+        modality_why += f"; {zero_why}"
+    shape = median_shape(fp, spacing.ids["pixdim"], modality, zero_background)
     candidates = patch_candidates(shape)
     best, probes = choose_patch(candidates, measure, memory_gb, max_probes)
     measured = ", ".join(f"{_size(p.patch)} {p.peak_gb:.2f} GB" for p in probes)
@@ -553,8 +580,8 @@ def plan(
         data,
         spacing,
         Choice("modality", {}, f"{modality}: {modality_why}"),
-        intensity_choice(modality, fp.foreground, fp.channels),
-        crop_choice(modality),
+        intensity_choice(modality, fp.foreground, fp.channels, zero_background),
+        crop_choice(modality, zero_background),
         classes_choice(fp.labels, fp.label_names),
         patch,
         labeled_choice(fp, num_labeled, labeled_ratio),

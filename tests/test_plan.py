@@ -108,6 +108,18 @@ def test_ct_intensity_clips_to_the_foreground_percentiles_then_z_scores():
     assert out == pytest.approx([-2.9, -2.9, 0.0, 1.0, 1.9, 1.9], abs=1e-3)
 
 
+def test_normalised_mr_is_z_scored_whole_and_not_cropped():
+    """MR that goes below 0 was normalised already: neither the z-score nor the crop may select voxels above 0."""
+    assert planner.zero_is_background({"min": 0.0, "max": 900.0})[0]
+    assert not planner.zero_is_background({"min": -0.7, "max": 5.6})[0]  # the Left Atrium's z-scored h5
+    intensity = planner.intensity_choice("MR", {}, zero_background=False).ids["intensity"]
+    assert intensity == {"_target_": "NormalizeIntensityd", "keys": "image"}  # nonzero off: every voxel
+    assert (
+        planner.crop_choice("MR", zero_background=False).ids["foreground_crop"] == _preset("la2018")["foreground_crop"]
+    )
+    assert planner.crop_choice("CT", zero_background=False).ids == planner.crop_choice("CT").ids  # HU: body crop
+
+
 def test_mr_intensity_and_crop_are_brats2019s():
     brats = _preset("brats2019")
     assert planner.intensity_choice("MR", {}).ids["intensity"] == brats["intensity"]
@@ -306,8 +318,8 @@ def test_plan_then_train_evaluate_and_infer(tmp_path):
 @pytest.mark.skipif(not LA_SOURCE.is_dir(), reason="the Left Atrium data (/work/shared/data/la2018) is not here")
 def test_left_atrium_plans_close_to_la2018(tmp_path):
     """Five Left Atrium cases converted as scripts/prepare_la2018.py does: 0.625 mm isotropic, MR (z-scored h5,
-    not Hounsfield units), one class; la2018.json skips the crop and the z-score because the h5 is z-scored
-    already, the plan z-scores again (a no-op up to the non-zero mask) and crops to the non-zero region."""
+    not Hounsfield units), one class; the images go below 0 (z-scored already), so the plan z-scores over the whole
+    image (a no-op on z-scored data, where la2018 has Identityd) and skips the crop, as la2018."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("prepare_la2018", ROOT / "scripts" / "prepare_la2018.py")
@@ -324,4 +336,5 @@ def test_left_atrium_plans_close_to_la2018(tmp_path):
     la = _preset("la2018")
     assert preset["pixdim"] == pytest.approx(la["pixdim"], abs=1e-3)
     assert preset["classes"] == ["background", "label_1"] and preset["label_mapping"] == la["label_mapping"]
-    assert preset["intensity"]["_target_"] == "NormalizeIntensityd" and "hu_window" not in preset
+    assert preset["intensity"] == {"_target_": "NormalizeIntensityd", "keys": "image"} and "hu_window" not in preset
+    assert preset["foreground_crop"] == la["foreground_crop"]  # z-scored: 0 is not the background, no crop
