@@ -313,7 +313,9 @@ class SegmentationMetricsWriter:
         self.foreground = foreground
         self.definition = _check_definition(definition)
         self.rows: list[dict] = []
-        self._load = LoadImage(image_only=True, ensure_channel_first=False)
+        # the file's own dtype (uint8 for most label files), not float32: a 512 x 512 x 600 reference and its
+        # mapped copy take 0.3 GB instead of 1.3 GB; the metrics are the same (class values are integers)
+        self._load = LoadImage(image_only=True, ensure_channel_first=False, dtype=None)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._reset)

@@ -4,12 +4,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
 from monai.config import KeysCollection
-from monai.transforms import CropForegroundd, Spacingd
+from monai.data import MetaTensor
+from monai.transforms import CropForegroundd, Spacingd, SpatialResample
+from monai.utils import TraceKeys, get_torch_dtype_from_string
 
 __all__ = ["RobustSpacingd", "BodyCropd", "AboveThreshold"]
 
@@ -20,9 +23,21 @@ class RobustSpacingd(Spacingd):
     MONAI 1.6 ``Spacingd`` updates every entry whose name starts with ``"<key>_"`` with the image's meta
     data, assuming it is a meta dict. MONAI Label puts the *string* ``image_path`` in the dict, and 1.6.1
     then fails with ``AttributeError: 'str' object has no attribute 'update'``. Such entries are set aside
-    during the call and put back unchanged (MONAI Label's writer needs ``image_path``). Same arguments,
-    same result, same inverse as ``Spacingd``.
+    during the call and put back unchanged (MONAI Label's writer needs ``image_path``).
+
+    The inverse (``Invertd`` putting a prediction back on the input's grid) resamples in slabs along the last
+    spatial axis when the original grid has more than ``inverse_slab_voxels`` voxels: MONAI's resampling builds
+    ``torch.nn.functional.affine_grid``'s sampling grid for the whole output at once (4 + 3 values per voxel, in
+    the resampling ``dtype``, float64 by default: 56 bytes per voxel, 8.8 GB for a 512 x 512 x 600 CT), where
+    each slab needs only its own. Each slab is MONAI's ``SpatialResample`` with the slab's affine, written
+    into one float32 output: the same values as the whole-volume inverse up to rounding in the last bits of
+    the sampling coordinates. ``None``: the whole volume at once, as ``Spacingd``. Otherwise the same
+    arguments and the same result as ``Spacingd``.
     """
+
+    def __init__(self, *args: Any, inverse_slab_voxels: int | None = 2**24, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.inverse_slab_voxels = None if inverse_slab_voxels is None else max(1, int(inverse_slab_voxels))
 
     def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
         d = dict(data)
@@ -34,6 +49,52 @@ class RobustSpacingd(Spacingd):
         out = super().__call__(d, lazy=lazy)
         out.update(aside)
         return out
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = inverse_resample_in_slabs(self.spacing_transform.sp_resample, d[key], self.inverse_slab_voxels)
+        return d
+
+
+def inverse_resample_in_slabs(resampler: SpatialResample, img: torch.Tensor, slab_voxels: int | None) -> torch.Tensor:
+    """``resampler.inverse(img)`` (the last ``SpatialResample`` applied to ``img`` undone), computed in slabs
+    of at most ``slab_voxels`` output voxels along the last spatial axis into one float32 tensor, so that the
+    sampling grid of only one slab is in memory at a time. Small outputs (or ``slab_voxels=None``) are
+    inverted whole, by ``resampler.inverse``."""
+    transform = resampler.get_most_recent_transform(img)
+    size = [int(n) for n in transform[TraceKeys.ORIG_SIZE]]
+    plane = math.prod(size[:-1])
+    if slab_voxels is None or plane * size[-1] <= slab_voxels or len(size) != 3:
+        return resampler.inverse(img)
+    transform = resampler.pop_transform(img)
+    info = transform[TraceKeys.EXTRA_INFO]
+    align_corners = info["align_corners"]
+    options = {
+        "mode": info["mode"],
+        "padding_mode": info["padding_mode"],
+        "align_corners": False if align_corners == TraceKeys.NONE else align_corners,
+        "dtype": get_torch_dtype_from_string(info["dtype"]),
+    }
+    dst_affine = torch.as_tensor(info["src_affine"], dtype=torch.float64)  # the grid before the forward resample
+    step = max(1, slab_voxels // plane)
+    out, first = None, None
+    for start in range(0, size[-1], step):
+        count = min(step, size[-1] - start)
+        shift = torch.eye(4, dtype=torch.float64)
+        shift[2, 3] = float(start)  # the slab's voxel (0, 0, 0) is the original grid's voxel (0, 0, start)
+        with resampler.trace_transform(False):
+            part = SpatialResample.__call__(
+                resampler, img, dst_affine=dst_affine @ shift, spatial_size=[*size[:-1], count], **options
+            )
+        if out is None:
+            out = torch.empty((part.shape[0], *size), dtype=torch.float32, device=part.device)
+            first = part
+        out[..., start : start + count] = torch.as_tensor(part)
+        del part
+    if isinstance(first, MetaTensor):
+        return MetaTensor(out, meta=first.meta, applied_operations=first.applied_operations)
+    return out
 
 
 class AboveThreshold:
