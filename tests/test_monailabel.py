@@ -8,6 +8,7 @@ so it never shares the bundle's). This test installs nothing: without that venv 
 folder; it binds 127.0.0.1 and is stopped by its process group.
 """
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -46,6 +47,15 @@ START_TIMEOUT, INFER_TIMEOUT = 120, 120
 TRAIN_TIMEOUT = float(os.environ.get("CPCL_MONAILABEL_TRAIN_TIMEOUT", 600))
 # sent with the train request when the bundle exposes it as a MONAI Label train option (displayable_configs)
 SHORT_EPOCH = 2
+#: the load: LOAD_REQUESTS inference requests sent at once from LOAD_WORKERS client threads while a training runs,
+#: spread over LOAD_IMAGES unannotated studies (each also inferred alone before, for the reference label)
+LOAD_REQUESTS, LOAD_WORKERS, LOAD_IMAGES = 20, 20, 2
+#: every answer of the load within this many seconds of the first request (MONAI Label 0.8.5 answers them one after
+#: the other: the last waits for the 19 others)
+LOAD_TIMEOUT = float(os.environ.get("CPCL_MONAILABEL_LOAD_TIMEOUT", 600))
+#: the background training's epochs (of 50 iterations): longer than the load, which takes well under a minute on an
+#: idle machine; it is stopped through ``DELETE /train/`` once the load is answered
+LOAD_TRAIN_EPOCHS = 4
 
 
 def _label_python() -> Path:
@@ -76,8 +86,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _request(url: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 30):
-    req = urllib.request.Request(url, data=data, headers=headers or {}, method="GET" if data is None else "POST")
+def _request(url: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 30, method=None):
+    method = method or ("GET" if data is None else "POST")
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return r.status, r.read()
 
@@ -107,6 +118,26 @@ def _copy_bundle(target: Path, classes: list[str] | None = None) -> Path:
     torch.manual_seed(0)
     torch.save(parser.get_parsed_content("network_def").state_dict(), target / "models" / "model.pt")
     return target
+
+
+def _app_with_bundle(tmp_path: Path, classes: list[str] | None = None) -> tuple[Path, Path]:
+    """A temporary copy of the ``monaibundle`` sample app with a copy of this bundle (random weights) as its model."""
+    app = tmp_path / "app"
+    shutil.copytree(_sample_app(), app, ignore=shutil.ignore_patterns("__pycache__"))
+    return app, _copy_bundle(app / "model" / BUNDLE_NAME, classes)
+
+
+def _train_request(info: dict, bundle: Path, max_epochs: int, iterations_per_epoch: int | None = None) -> dict:
+    """The body of ``POST /train/<model>``: CPU, no validation split, no tracking. When the bundle exposes train
+    options (``displayable_configs``), MONAI Label reads every one of them from the request: so they are all sent,
+    with ``iterations_per_epoch`` set when given."""
+    request = {"max_epochs": max_epochs, "device": "cpu", "val_split": 0, "multi_gpu": False, "tracking": "None"}
+    options = info["trainers"][BUNDLE_NAME].get("config", {})
+    if "iterations_per_epoch" in options:
+        request.update({k: options[k] for k in _displayable(bundle)})
+        if iterations_per_epoch is not None:
+            request["iterations_per_epoch"] = iterations_per_epoch
+    return request
 
 
 #: the shipped binary bundle, and kidney + tumour (phantoms with ``tumour_label``: the tumour is label 2)
@@ -226,17 +257,56 @@ class Server:
                     break
                 except subprocess.TimeoutExpired:
                     continue
+        # what the server started (a background training) may outlive it: end the rest of its group
+        deadline = time.monotonic() + 15
+        while self.members() and time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
         self._log_file.close()
 
+    def members(self) -> list[int]:
+        """Live (not zombie) processes of the server's process group, the server included (Linux ``/proc``)."""
+        return [pid for pid, (_, pgrp, state) in _processes().items() if pgrp == self.proc.pid and state != "Z"]
 
-def _infer(server: Server, image_id: str, out: Path) -> Path:
+    def children(self, marker: str) -> list[int]:
+        """Live child processes of the server whose command line contains ``marker``."""
+        return [
+            pid
+            for pid, (ppid, _, state) in _processes().items()
+            if ppid == self.proc.pid and state != "Z" and marker in _cmdline(pid)
+        ]
+
+
+def _processes() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, process group, state) of every process, from ``/proc/<pid>/stat``."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+        except (OSError, IndexError):  # ended meanwhile
+            continue
+        table[int(stat.parent.name)] = (int(fields[1]), int(fields[2]), fields[0])
+    return table
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _infer(server: Server, image_id: str, out: Path, timeout: float = INFER_TIMEOUT) -> Path:
     query = urllib.parse.urlencode({"image": image_id, "output": "image"})
     form = urllib.parse.urlencode({"params": json.dumps({"device": "cpu"})}).encode()
     status, body = _request(
         f"{server.url}/infer/{BUNDLE_NAME}?{query}",
         data=form,
         headers={"Content-Type": "application/x-www-form-urlencoded"},
-        timeout=INFER_TIMEOUT,
+        timeout=timeout,
     )
     assert status == 200
     out.write_bytes(body)
@@ -255,9 +325,7 @@ def _check_label(label_file: Path, image_file: Path, num_classes: int) -> np.nda
 def test_monailabel_serves_infers_and_trains_the_bundle(studies, tmp_path):
     _label_python()
     studies_dir, labeled, unlabeled, classes = studies
-    app = tmp_path / "app"
-    shutil.copytree(_sample_app(), app, ignore=shutil.ignore_patterns("__pycache__"))
-    bundle = _copy_bundle(app / "model" / BUNDLE_NAME, classes)
+    app, bundle = _app_with_bundle(tmp_path, classes)
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))
     names = parser["classes"]
@@ -286,10 +354,7 @@ def test_monailabel_serves_infers_and_trains_the_bundle(studies, tmp_path):
         _check_label(label_file, studies_dir / f"{unlabeled[0]}.nii.gz", len(names))
 
         # --- one epoch of CPCL training: labeled = annotated studies, unlabeled stream = the other studies
-        request = {"max_epochs": 1, "device": "cpu", "val_split": 0, "multi_gpu": False, "tracking": "None"}
-        options = info["trainers"][BUNDLE_NAME].get("config", {})
-        if "iterations_per_epoch" in options:  # MONAI Label sends every displayable option: so must we
-            request.update({k: options[k] for k in _displayable(bundle)}, iterations_per_epoch=SHORT_EPOCH)
+        request = _train_request(info, bundle, max_epochs=1, iterations_per_epoch=SHORT_EPOCH)
         t = time.monotonic()
         status, body = _request(
             f"{server.url}/train/{BUNDLE_NAME}?run_sync=true",
@@ -352,3 +417,172 @@ def _cache_sizes(log: str) -> list[str]:
     """Totals of MONAI CacheDataset progress bars, in order: one per bar, read from the line tqdm prints when the bar
     starts ("Loading dataset:   0%|...| 0/n"; its last line, "n/n", may be printed twice)."""
     return [m.group(1) for m in re.finditer(r"Loading dataset:\s+0%\|[^|\r\n]*\| 0/(\d+) ", log)]
+
+
+@pytest.mark.parametrize("studies", ["binary"], indirect=True)
+def test_monailabel_answers_concurrent_inference_while_training(studies, tmp_path):
+    """LOAD_REQUESTS inference requests at once while a background training runs: every one answered (200) with a
+    correct label (the image's grid, class indices, and the very label the image gets alone), the training keeps
+    going (or ends DONE), the server still answers after; p50 / p95 latency printed. MONAI Label 0.8.5 runs each
+    inference inside its event loop: the requests are served one after the other (docs/monailabel.md)."""
+    _label_python()
+    source, _, unlabeled, _ = studies
+    studies_dir = tmp_path / "studies"  # the test's own datastore: the server writes datastore_v2.json and .lock
+    shutil.copytree(source, studies_dir, ignore=shutil.ignore_patterns("datastore_v2.json", ".lock", "original"))
+    images = unlabeled[:LOAD_IMAGES]
+    app, bundle = _app_with_bundle(tmp_path)
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    num_classes = len(parser["classes"])
+    model_pt = bundle / "models" / "model.pt"
+    weights = (_sha256(model_pt), model_pt.stat().st_mtime_ns)
+    times, report = {}, {}
+
+    def check(case: str, label_file: Path) -> np.ndarray:
+        _check_label(label_file, studies_dir / f"{case}.nii.gz", num_classes)
+        return np.asarray(nib.load(str(label_file)).dataobj)
+
+    def alone(tag: str) -> dict[str, np.ndarray]:
+        """Each image inferred alone (one request at a time): its label, and the latencies in ``times``."""
+        labels = {}
+        for case in images:
+            t = time.monotonic()
+            labels[case] = check(case, _infer(server, case, tmp_path / f"{tag}_{case}.nii.gz"))
+            times.setdefault(tag, []).append(time.monotonic() - t)
+        return labels
+
+    t0 = time.monotonic()
+    server = Server(app, studies_dir, tmp_path / "server.log")
+    trainers, pool, ok = [], None, False
+    try:
+        info = server.wait_ready(START_TIMEOUT)
+        assert BUNDLE_NAME in info["models"] and BUNDLE_NAME in info["trainers"], info
+        reference = alone("alone")  # the first one also loads the model
+
+        # --- a background training, as Slicer's Train button starts it; the load begins once it iterates
+        request = _train_request(info, bundle, max_epochs=LOAD_TRAIN_EPOCHS)
+        status, body = _request(
+            f"{server.url}/train/{BUNDLE_NAME}",
+            data=json.dumps(request).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        assert status == 200, body
+        deadline = time.monotonic() + TRAIN_TIMEOUT
+        while _train_position(server.text()) is None:
+            assert _training_running(server), f"the training ended before its first iteration: {_train_state(server)}"
+            assert time.monotonic() < deadline, f"the training logged no iteration within {TRAIN_TIMEOUT} s"
+            time.sleep(1)
+        trainers = server.children("monailabel.interfaces.utils.app")  # the training process (MONAI Label's child)
+        assert len(trainers) == 1, trainers
+        position = {"before": _train_position(server.text())}
+
+        # --- the load: LOAD_REQUESTS inferences at once on the datastore's images, then a status request (queued
+        # behind them: MONAI Label answers it once they are done)
+        cases = [images[i % len(images)] for i in range(LOAD_REQUESTS)]
+
+        def one(i: int) -> float:
+            t = time.monotonic()
+            _infer(server, cases[i], tmp_path / f"load_{i:02d}.nii.gz", timeout=LOAD_TIMEOUT)
+            return time.monotonic() - t
+
+        pool = concurrent.futures.ThreadPoolExecutor(LOAD_WORKERS, thread_name_prefix="load")
+        t_load = time.monotonic()
+        futures = [pool.submit(one, i) for i in range(LOAD_REQUESTS)]
+        time.sleep(1)
+        t = time.monotonic()
+        running_during = _training_running(server, timeout=LOAD_TIMEOUT)
+        report["status request sent 1 s into the load answered after"] = f"{time.monotonic() - t:.1f} s"
+        _, pending = concurrent.futures.wait(futures, timeout=max(1.0, LOAD_TIMEOUT - (time.monotonic() - t_load)))
+        times["load (all answers)"] = [time.monotonic() - t_load]
+        assert not pending, f"{len(pending)} of {LOAD_REQUESTS} requests unanswered after {LOAD_TIMEOUT} s"
+        errors = [repr(f.exception()) for f in futures if f.exception() is not None]
+        assert not errors, errors  # a non-200 answer raises urllib.error.HTTPError
+        times["under load"] = [f.result() for f in futures]
+        assert len(times["under load"]) == LOAD_REQUESTS
+        assert running_during, "the training was not running during the load"
+
+        # --- the training kept going through the load (or finished it cleanly)
+        position["after"] = _train_position(server.text())
+        if _training_running(server):
+            assert position["after"] > position["before"], f"no training iteration during the load: {position}"
+            assert all(_alive(pid) for pid in trainers), trainers
+            report["training after the load"] = f"RUNNING, {position}; stopped with DELETE /train/"
+            status, body = _request(f"{server.url}/train/", method="DELETE")
+            assert status == 200, body
+            deadline = time.monotonic() + 60
+            while _training_running(server):
+                assert time.monotonic() < deadline, "DELETE /train/ did not stop the training within 60 s"
+                time.sleep(1)
+            assert _train_state(server)["status"] == "STOPPED", _train_state(server)
+        else:
+            state = _train_state(server)
+            report["training after the load"] = f"{state['status']}, {position}"
+            assert state["status"] == "DONE", state
+        deadline = time.monotonic() + 30  # MONAI Label reports STOPPED as it sends SIGKILL
+        while any(_alive(pid) for pid in trainers):
+            assert time.monotonic() < deadline, f"the training process outlived its end: {trainers}"
+            time.sleep(0.5)
+
+        # --- every answer is the label of its image: the same as alone before the load (deterministic), or, if the
+        # training ended during the load and rewrote models/model.pt, the same as alone with the new weights
+        trained = {}
+        if (_sha256(model_pt), model_pt.stat().st_mtime_ns) != weights:
+            trained = alone("alone, trained")
+        for i, case in enumerate(cases):
+            label = check(case, tmp_path / f"load_{i:02d}.nii.gz")
+            same = np.array_equal(label, reference[case]) or (case in trained and np.array_equal(label, trained[case]))
+            assert same, f"request {i} ({case}): a label that the image does not get alone"
+
+        # --- the server is alive
+        status, body = _request(f"{server.url}/info/")
+        assert status == 200 and BUNDLE_NAME in json.loads(body)["models"]
+        ok = True
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)  # the stopped server fails whatever is still waiting
+        server.stop()
+        for pid in trainers:  # the training process, by its PID, should it have left the server's group
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        times["total"] = [time.monotonic() - t0]
+        print("MONAI Label under load: " + _latencies(times) + "; " + ", ".join(f"{k}: {v}" for k, v in report.items()))
+        if not ok:
+            print(f"---- MONAI Label server log (tail of {server.log}) ----\n{server.tail()}")
+    assert not server.members(), f"processes left by the server: {server.members()}"
+
+
+def _training_running(server: Server, timeout: float = 30) -> bool:
+    """Whether the last training task is SUBMITTED or RUNNING (``GET /train/``; ``?check_if_running=true`` answers 404
+    for a moment after the train request, until MONAI Label's task thread has started the training process)."""
+    return _train_state(server, timeout)["status"] in ("SUBMITTED", "RUNNING")
+
+
+def _train_state(server: Server, timeout: float = 30) -> dict:
+    """The last training task (``GET /train/``): ``status`` (SUBMITTED, RUNNING, DONE, ERROR, STOPPED), its request
+    and its last lines of output (``details``)."""
+    return json.loads(_request(f"{server.url}/train/", timeout=timeout)[1])
+
+
+def _train_position(log: str) -> tuple[int, int] | None:
+    """(epoch, iteration) of the training's last logged iteration (ignite's progress bar ``Epoch [e/E]: [i/I]`` and
+    MONAI's ``Epoch: e/E, Iter: i/I``), None before the first one."""
+    found = re.findall(r"Epoch \[(\d+)/\d+\]: \[(\d+)/\d+\]|Epoch: (\d+)/\d+, Iter: (\d+)/\d+", log)
+    positions = [(int(a or c), int(b or d)) for a, b, c, d in found]
+    return max(positions) if positions else None
+
+
+def _alive(pid: int) -> bool:
+    state = _processes().get(pid)
+    return state is not None and state[2] != "Z"
+
+
+def _latencies(times: dict[str, list[float]]) -> str:
+    """``name p50 / p95 / max`` of each list of seconds (one value: just it)."""
+    parts = []
+    for name, values in times.items():
+        if len(values) == 1:
+            parts.append(f"{name} {values[0]:.1f} s")
+        else:
+            p50, p95 = np.percentile(values, [50, 95])
+            parts.append(f"{name} p50 {p50:.1f} s / p95 {p95:.1f} s / max {max(values):.1f} s (n={len(values)})")
+    return ", ".join(parts)
