@@ -104,7 +104,9 @@ class TimeLimit(_IgniteTimeLimit):
     """Ignite's ``TimeLimit`` as a handler of ``train_handlers``: ends a run gracefully once ``limit_sec`` seconds
     have passed since it started (not since the handler was made, which precedes caching the data). The run ends
     as at its last step: the final model and the resume checkpoint are written, and a later run with
-    ``resume=True`` goes on from there."""
+    ``resume=True`` goes on from there. Under torchrun the ranks decide together: each rank's clock says whether
+    its limit has passed, and all stop at the first iteration where any rank's has (a rank that stopped alone would
+    leave the others waiting in DDP's gradient all-reduce)."""
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._start)
@@ -112,6 +114,17 @@ class TimeLimit(_IgniteTimeLimit):
 
     def _start(self, engine: Engine) -> None:
         self.start_time = time.time()
+
+    def __call__(self, engine: Engine) -> None:
+        over = time.time() - self.start_time > self.limit_sec
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
+            flag = torch.tensor([float(over)], device=f"cuda:{torch.cuda.current_device()}" if nccl else "cpu")
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            over = bool(flag.item())
+        if over:
+            self.logger.info(f"Reached the time limit: {self.limit_sec} sec. Stop training")
+            engine.terminate()
 
 
 def attach_teacher(

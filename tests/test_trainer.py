@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from ignite.engine import Events
 from monai.engines import IterationEvents
 from torch.utils.data import DataLoader
@@ -237,6 +238,55 @@ def test_time_limit_ends_the_run_gracefully_counting_from_its_start(tiny_net, tm
     # the limit, attached first, reads the clock before the step's 4 s are added: 12 s > 10 s at the fourth step
     assert trainer.state.iteration == 4 and completed == [4]
     assert latest_checkpoint(tmp_path).name == "resume_checkpoint_4.pt"
+
+
+def _time_limit_rank(rank: int, port: int, seconds_per_step: list[float], stops: "mp.Queue") -> None:
+    """One rank of a 2-process gloo group: an engine of 20 empty iterations with the bundle's TimeLimit (10 s),
+    whose clock advances ``seconds_per_step[rank]`` per iteration; the iteration it stopped at goes to ``stops``."""
+    import types
+
+    import torch.distributed as dist
+    from ignite.engine import Engine
+
+    from cpcl_bundle import trainer as trainer_module
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        clock = types.SimpleNamespace(now=0.0)
+        trainer_module.time = types.SimpleNamespace(time=lambda: clock.now)
+        engine = Engine(lambda e, b: None)
+        trainer_module.TimeLimit(limit_sec=10).attach(engine)
+        engine.add_event_handler(
+            Events.ITERATION_COMPLETED, lambda e: setattr(clock, "now", clock.now + seconds_per_step[rank])
+        )
+        engine.run(range(20), max_epochs=1)
+        stops.put((rank, engine.state.iteration))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_time_limit_stops_every_rank_at_the_same_iteration():
+    """Under torchrun the ranks' clocks differ: rank 0's limit passes at its 4th step (12 s > 10 s), rank 1's never
+    (its clock stands still). Both stop at iteration 4; a rank-local limit would stop rank 0 alone (and under DDP leave
+    rank 1 waiting in the gradient all-reduce)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    stops = ctx.Queue()
+    procs = [ctx.Process(target=_time_limit_rank, args=(r, port, [4.0, 0.0], stops)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(stops.get(timeout=180) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    assert results == {0: 4, 1: 4}
 
 
 def test_ema_warmup_makes_the_first_teacher_the_student_then_their_running_mean(tiny_net):
