@@ -102,3 +102,41 @@ def load_script(name: str, module_name: str | None = None):
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def resumable_trainer(folder, steps, resume=False, stop_at=None, method="cpcl", amp=False, **protocol):
+    """The in-process exact-resume setting of tests/test_resume.py and tests/test_resume_faults.py: a tiny
+    ``method`` trainer built from configs/train.json's network, optimiser and loss on blob batches, ``steps``
+    iterations, a :class:`~cpcl_bundle.resume.ResumeCheckpoint` every 2 into ``folder`` (the optimiser and a
+    ``TrainingRNG`` saved with it), stopped after ``stop_at`` iterations if given. Seeded by ``resume``: a resumed
+    run starts from other weights and random state, which the checkpoint must restore. Returns (trainer, handler)."""
+    import torch
+    from ignite.engine import Events
+    from torch.utils.data import DataLoader
+
+    from cpcl_bundle.resume import ResumeCheckpoint, TrainingRNG
+    from cpcl_bundle.trainer import CPCLTrainer
+    from cpcl_tools import train_objects
+
+    torch.manual_seed(int(resume))
+    net = train_objects.network_def(features=TINY_FEATURES)
+    optimizer = train_objects.optimizer(net)
+    handler = ResumeCheckpoint(
+        folder, interval=2, objects={"optimizer": optimizer, "rng": TrainingRNG()}, resume=resume
+    )
+    engine = CPCLTrainer(
+        "cpu",
+        steps,
+        DataLoader(blob_batch(2, seed=1), batch_size=2),
+        net,
+        optimizer,
+        train_objects.loss(),
+        train_handlers=[handler],
+        amp=amp,
+        method=method,
+        unlabeled_data_loader=DataLoader(blob_batch(2, seed=2, with_label=False), batch_size=2),
+        **protocol,
+    )
+    if stop_at is not None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED(once=stop_at), lambda e: e.terminate())
+    return engine, handler

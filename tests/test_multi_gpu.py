@@ -44,28 +44,8 @@ def test_torchrun_two_ranks_keep_the_teacher_in_sync(tiny_dataset, tmp_path):
     }
     override_file = tmp_path / "test_override.json"
     override_file.write_text(json.dumps(override))
-    configs = json.dumps([TRAIN, MULTI, str(override_file)])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        configs,
-        "--meta_file",
-        META,
-        "--logging_file",
-        LOGGING,
-        "--bundle_root",
-        str(ROOT),
-    ]
+    cmd = _torchrun([TRAIN, MULTI, str(override_file)])
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     t0, t1 = (torch.load(tmp_path / f"teacher_rank{r}.pt", weights_only=True) for r in (0, 1))

@@ -179,41 +179,14 @@ def test_terms_with_their_own_state_or_randomness_resume_exactly(method, amp, pr
     straight run, the student, the teacher and the term's own module and optimiser (DAN's discriminator,
     DTML's distance network) alike; in bf16 (``amp``) as in fp32, and with the LA code bases' backbone dropout
     (random masks on student and teacher) and EMA warm-up."""
-    from ignite.engine import Events
-    from torch.utils.data import DataLoader
-
     from cpcl_bundle.precision import cpu_has_bf16
-    from cpcl_bundle.resume import ResumeCheckpoint
-    from cpcl_bundle.trainer import CPCLTrainer
-    from cpcl_tools import train_objects
-    from tests.helpers import TINY_FEATURES, blob_batch
+    from tests.helpers import resumable_trainer
 
     if amp and not cpu_has_bf16():
         pytest.skip("this CPU has no bf16 instructions: amp trains in fp32 here")
 
     def trainer(folder, resume=False, stop_at=None, amp=amp):
-        torch.manual_seed(int(resume))  # a resumed run starts from other weights and RNG: the checkpoint restores all
-        net = train_objects.network_def(features=TINY_FEATURES)
-        optimizer = train_objects.optimizer(net)
-        handler = ResumeCheckpoint(
-            folder, interval=2, objects={"optimizer": optimizer, "rng": TrainingRNG()}, resume=resume
-        )
-        engine = CPCLTrainer(
-            "cpu",
-            4,
-            DataLoader(blob_batch(2, seed=1), batch_size=2),
-            net,
-            optimizer,
-            train_objects.loss(),
-            train_handlers=[handler],
-            amp=amp,
-            method=method,
-            unlabeled_data_loader=DataLoader(blob_batch(2, seed=2, with_label=False), batch_size=2),
-            **protocol,
-        )
-        if stop_at is not None:
-            engine.add_event_handler(Events.ITERATION_COMPLETED(once=stop_at), lambda e: e.terminate())
-        return engine
+        return resumable_trainer(folder, 4, resume, stop_at, method, amp, **protocol)[0]
 
     def same(a, b):
         return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -20,6 +20,7 @@ from ignite.engine import Engine, Events
 
 from cpcl_bundle.errors import InputError
 from cpcl_bundle.resume import _PARTIAL, _PATTERN, ResumeCheckpoint, TrainingRNG, latest_checkpoint
+from tests.helpers import resumable_trainer
 from tests.test_bundle import ROOT
 
 _REAL_TEMPFILE = tempfile.NamedTemporaryFile
@@ -118,33 +119,7 @@ def _files(folder):
 
 def _cpcl_trainer(folder, resume=False, stop_at=None):
     """The single-process exact-resume setting of tests/test_resume.py: tiny CPCL, 6 steps, a checkpoint every 2."""
-    from torch.utils.data import DataLoader
-
-    from cpcl_bundle.trainer import CPCLTrainer
-    from cpcl_tools import train_objects
-    from tests.helpers import TINY_FEATURES, blob_batch
-
-    torch.manual_seed(int(resume))
-    net = train_objects.network_def(features=TINY_FEATURES)
-    optimizer = train_objects.optimizer(net)
-    handler = ResumeCheckpoint(
-        folder, interval=2, objects={"optimizer": optimizer, "rng": TrainingRNG()}, resume=resume
-    )
-    engine = CPCLTrainer(
-        "cpu",
-        6,
-        DataLoader(blob_batch(2, seed=1), batch_size=2),
-        net,
-        optimizer,
-        train_objects.loss(),
-        train_handlers=[handler],
-        amp=False,
-        method="cpcl",
-        unlabeled_data_loader=DataLoader(blob_batch(2, seed=2, with_label=False), batch_size=2),
-    )
-    if stop_at is not None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED(once=stop_at), lambda e: e.terminate())
-    return engine, handler
+    return resumable_trainer(folder, 6, resume=resume, stop_at=stop_at)
 
 
 def _truncate_half(path):
