@@ -503,30 +503,18 @@ class ResumeCheckpoint:
         return to_save
 
     def _agree(self, engine: Engine) -> None:
-        """Before loading: under torchrun every rank must resume from the checkpoint rank 0 chooses (rank 0's
-        choice is broadcast and compared), and a checkpoint of another world size is refused, naming the file."""
+        """Before loading, under torchrun: every rank must resume from the checkpoint rank 0 chooses (rank 0's
+        choice is broadcast and compared: one folder on a shared file system)."""
+        if not _distributed():
+            return
         path = latest_checkpoint(self.save_dir)
-        if _distributed():
-            chosen = [path.name if path is not None else None]
-            dist.broadcast_object_list(chosen, src=0)
-            if chosen[0] != (path.name if path is not None else None):
-                raise RuntimeError(
-                    f"{self.save_dir}: rank {dist.get_rank()} finds {path.name if path else 'no checkpoint'}, rank 0 "
-                    f"{chosen[0] or 'none'}: every rank must resume from one folder on a shared file system"
-                )
-        rngs = {k: o for k, o in self.objects.items() if isinstance(o, TrainingRNG)}
-        if path is None or not rngs:
-            return
-        try:  # tensors memory-mapped: cheap; an unreadable file is left to the load to report
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # noqa: BLE001
-            return
-        for key, rng in rngs.items():
-            if key in checkpoint:
-                try:
-                    rng.rank_state(checkpoint[key])
-                except ValueError as error:
-                    raise ValueError(f"{path}: {error}") from None
+        chosen = [path.name if path is not None else None]
+        dist.broadcast_object_list(chosen, src=0)
+        if chosen[0] != (path.name if path is not None else None):
+            raise RuntimeError(
+                f"{self.save_dir}: rank {dist.get_rank()} finds {path.name if path else 'no checkpoint'}, rank 0 "
+                f"{chosen[0] or 'none'}: every rank must resume from one folder on a shared file system"
+            )
 
     def _agreed(self, engine: Engine) -> None:
         """After loading, under torchrun: every rank resumed from the same checkpoint, at the same iteration."""
@@ -585,7 +573,10 @@ class ResumeCheckpoint:
         if missing:
             raise ValueError(f"{path}: resume checkpoint lacks {missing}: written by another configuration")
         max_epochs = engine.state.max_epochs
-        Checkpoint.load_objects(to_load=to_save, checkpoint=checkpoint)
+        try:  # a random state of another world size (TrainingRNG.rank_state), another sampler count, ...
+            Checkpoint.load_objects(to_load=to_save, checkpoint=checkpoint)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
         engine.state.max_epochs = max_epochs  # the run's own length wins over the checkpoint's
         self.loaded_from = path
         engine.logger.info(f"resumed from {path} at iteration {engine.state.iteration}, epoch {engine.state.epoch}")

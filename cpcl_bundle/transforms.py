@@ -78,7 +78,7 @@ def inverse_resample_in_slabs(resampler: SpatialResample, img: torch.Tensor, sla
     }
     dst_affine = torch.as_tensor(info["src_affine"], dtype=torch.float64)  # the grid before the forward resample
     step = max(1, slab_voxels // plane)
-    out, first = None, None
+    out, meta = None, None
     for start in range(0, size[-1], step):
         count = min(step, size[-1] - start)
         shift = torch.eye(4, dtype=torch.float64)
@@ -87,13 +87,13 @@ def inverse_resample_in_slabs(resampler: SpatialResample, img: torch.Tensor, sla
             part = SpatialResample.__call__(
                 resampler, img, dst_affine=dst_affine @ shift, spatial_size=[*size[:-1], count], **options
             )
-        if out is None:
+        if out is None:  # the first slab's meta data: its affine is the whole grid's (its voxel 0 is the grid's)
             out = torch.empty((part.shape[0], *size), dtype=torch.float32, device=part.device)
-            first = part
+            meta = (part.meta, part.applied_operations) if isinstance(part, MetaTensor) else None
         out[..., start : start + count] = torch.as_tensor(part)
         del part
-    if isinstance(first, MetaTensor):
-        return MetaTensor(out, meta=first.meta, applied_operations=first.applied_operations)
+    if meta is not None:
+        return MetaTensor(out, meta=meta[0], applied_operations=meta[1])
     return out
 
 

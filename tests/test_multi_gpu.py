@@ -252,7 +252,7 @@ def test_a_checkpoint_of_another_world_size_is_refused_naming_the_file(tmp_path)
     torch.save({"rng": two_ranks}, path)
     handler = ResumeCheckpoint(tmp_path, objects={"rng": TrainingRNG()}, resume=True)
     with pytest.raises(ValueError, match=rf"{path}: .*saved by 2 processes under torchrun.*--nproc_per_node 2"):
-        handler._agree(Engine(lambda e, b: None))
+        handler._load(Engine(lambda e, b: None), {"rng": handler.objects["rng"]})
     with pytest.raises(ValueError, match="saved by a single-process run"):
         TrainingRNG(distributed=True).load_state_dict(local)
     with pytest.raises(ValueError, match="saved by 2 processes, this run has 1"):

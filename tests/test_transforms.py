@@ -1,7 +1,8 @@
 # Copyright (c) 2026 The CPCL bundle authors
 # SPDX-License-Identifier: Apache-2.0
 """BodyCropd is MONAI's CropForegroundd with an ``x > threshold`` select_fn and the bundle's defaults (margin 2,
-labels optional): the same crops, boxes and inverse as CropForegroundd built by hand, on a few CT-like volumes."""
+labels optional): the same crops, boxes and inverse as CropForegroundd built by hand, on a few CT-like volumes.
+RobustSpacingd's inverse in slabs equals the whole-volume inverse."""
 
 import numpy as np
 import pytest
@@ -91,3 +92,27 @@ def test_crop_foreground_arguments_pass_through():
     assert got["image"].shape[1:] == (16, 12, 12)
     assert torch.equal(got["image"].as_tensor(), expected["image"].as_tensor())
     assert torch.equal(got["label"].as_tensor(), expected["label"].as_tensor())
+
+
+@pytest.mark.parametrize("affine", [np.diag([0.8, 0.8, 1.0, 1.0]), np.diag([-0.8, 0.7, 1.3, 1.0])])
+def test_inverse_in_slabs_equals_the_whole_volume_inverse(affine):
+    """RobustSpacingd's inverse (Invertd's path back to the input grid) in slabs of one slice gives the values,
+    shape and affine of MONAI's whole-volume inverse (``inverse_slab_voxels=None``)."""
+    import copy
+
+    from cpcl_bundle.transforms import RobustSpacingd
+
+    affine = affine.copy()
+    affine[:3, 3] = [-12.0, 7.5, 3.0]
+    image = MetaTensor(torch.rand(2, 20, 16, 12, generator=torch.Generator().manual_seed(0)), affine=affine)
+    outputs = {}
+    for slab in (None, 20 * 16):  # the whole volume; one slice of the original grid at a time
+        spacing = RobustSpacingd("image", pixdim=(2.0, 2.0, 2.0), mode="bilinear", inverse_slab_voxels=slab)
+        forward = spacing({"image": copy.deepcopy(image)})
+        outputs[slab] = spacing.inverse(forward)["image"]
+    whole, slabs = outputs[None], outputs[20 * 16]
+    assert whole.shape == slabs.shape == image.shape
+    assert torch.allclose(torch.as_tensor(whole).float(), torch.as_tensor(slabs), atol=1e-5)
+    assert torch.allclose(whole.affine.double(), slabs.affine.double()) and torch.allclose(
+        slabs.affine.double(), torch.as_tensor(affine)
+    )
